@@ -1,0 +1,315 @@
+"""The `email` job kind end to end: a real worker (`pgrunner work`), a real
+PostgreSQL (tests/support/pgr_fixtures.py) and a real SMTP server
+(tests/support/smtp_fixtures.py, aiosmtpd), one database per test."""
+
+import json
+
+import pytest
+
+from pgr_fixtures import wait_until
+
+MAIL_FROM = "pgrunner@example.org"
+MSGID_DOMAIN = "test.example"
+
+
+def add_email(db, payload, max_attempts=None):
+    """Add an email task with a plain INSERT; return its id."""
+    if max_attempts is None:
+        return db.scalar("INSERT INTO pgrunner.tasks (kind, payload) "
+                         "VALUES ('email', %s) RETURNING id",
+                         (json.dumps(payload),))
+    return db.scalar("INSERT INTO pgrunner.tasks (kind, payload, max_attempts)"
+                     " VALUES ('email', %s, %s) RETURNING id",
+                     (json.dumps(payload), max_attempts))
+
+
+def task(db, tid):
+    state, attempts, last_error = db.query(
+        "SELECT state, attempts, last_error FROM pgrunner.tasks WHERE id = %s",
+        (tid,))[0]
+    return {"state": state, "attempts": attempts, "last_error": last_error}
+
+
+def wait_task(db, tid, pred, worker, what, timeout=60):
+    """Wait until pred(task row) holds; on timeout show the row and the
+    worker's output."""
+    try:
+        return wait_until(lambda: (lambda t: t if pred(t) else None)(
+            task(db, tid)), timeout=timeout, what=what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\ntask: {task(db, tid)}\nworker output:\n"
+                             f"{worker.output()[-4000:]}") from None
+
+
+def finished(db, tid, worker, timeout=60):
+    return wait_task(db, tid,
+                     lambda t: t["state"] in ("succeeded", "failed",
+                                              "cancelled"),
+                     worker, f"task {tid} to finish", timeout)
+
+
+def start_worker(workers, db, server, **env):
+    e = server.env(PGRUNNER_MAIL_FROM=MAIL_FROM,
+                   PGRUNNER_MESSAGE_ID_DOMAIN=MSGID_DOMAIN)
+    e.update({k: str(v) for k, v in env.items()})
+    return workers(db, "--poll-interval", "200", env=e)
+
+
+def retry_now(db, tid):
+    """Make a queued task due now instead of after its backoff."""
+    db.query("UPDATE pgrunner.tasks SET run_at = now() "
+             "WHERE id = %s AND state = 'queued'", (tid,))
+
+
+def test_plain_message_arrives_with_envelope_and_headers(mdb, smtp, workers):
+    w = start_worker(workers, mdb, smtp)
+    tid = add_email(mdb, {"to": "Ann Smith <ann@example.com>",
+                          "subject": "Hello there",
+                          "text": "Hi Ann,\nsee you.\n"})
+    t = finished(mdb, tid, w)
+    assert t["state"] == "succeeded", t
+    (m,) = smtp.wait_for(1)
+    assert m.mail_from == MAIL_FROM
+    assert m.rcpt_tos == ["ann@example.com"]
+    assert m["From"] == MAIL_FROM
+    assert m["To"] == "Ann Smith <ann@example.com>"
+    assert m["Subject"] == "Hello there"
+    assert m["Message-ID"] == f"<pgrunner.{tid}@{MSGID_DOMAIN}>"
+    assert m["Date"] is not None and m["Date"].datetime is not None
+    assert m["MIME-Version"] == "1.0"
+    assert m.msg.get_content_type() == "text/plain"
+    assert m.msg.get_content_charset() == "utf-8"
+    assert m.msg.get_content() == "Hi Ann,\nsee you.\n"
+    assert f"task={tid}" in w.output()
+
+
+def test_to_cc_bcc_are_recipients_and_bcc_stays_hidden(mdb, smtp, workers):
+    w = start_worker(workers, mdb, smtp)
+    tid = add_email(mdb, {"to": ["a@example.com", "b@example.com"],
+                          "cc": "c@example.com",
+                          "bcc": ["hidden@example.com"],
+                          "reply_to": "replies@example.com",
+                          "from": "Sales <sales@example.org>",
+                          "subject": "Team", "text": "x"})
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = smtp.wait_for(1)
+    assert m.mail_from == "sales@example.org"
+    assert sorted(m.rcpt_tos) == ["a@example.com", "b@example.com",
+                                  "c@example.com", "hidden@example.com"]
+    assert m["To"] == "a@example.com, b@example.com"
+    assert m["Cc"] == "c@example.com"
+    assert m["Reply-To"] == "replies@example.com"
+    assert m["From"] == "Sales <sales@example.org>"
+    assert m["Bcc"] is None
+    assert b"hidden" not in m.raw, "a Bcc address appears nowhere in the mail"
+
+
+def test_html_and_text_arrive_as_multipart_alternative(mdb, smtp, workers):
+    w = start_worker(workers, mdb, smtp)
+    tid = add_email(mdb, {"to": "a@example.com", "subject": "Newsletter",
+                          "text": "Plain version: caf\u00e9",
+                          "html": "<h1>HTML version: caf\u00e9</h1>"})
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = smtp.wait_for(1)
+    assert m.msg.get_content_type() == "multipart/alternative"
+    parts = list(m.msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain",
+                                                     "text/html"]
+    assert parts[0].get_content().strip() == "Plain version: caf\u00e9"
+    assert parts[1].get_content().strip() == "<h1>HTML version: caf\u00e9</h1>"
+
+
+def test_utf8_subject_and_names_round_trip(mdb, smtp, workers):
+    subject = "Gr\u00fc\u00dfe aus K\u00f6ln \u2615 \u2014 " + "\u00e9" * 40
+    w = start_worker(workers, mdb, smtp)
+    tid = add_email(mdb, {"to": "J\u00fcrgen M\u00fcller <jm@example.com>",
+                          "subject": subject,
+                          "text": "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad"
+                                  "\u30b9\u30c8"})
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = smtp.wait_for(1)
+    assert m["Subject"] == subject
+    assert m["To"].addresses[0].display_name == "J\u00fcrgen M\u00fcller"
+    assert m.msg.get_content().strip() == ("\u65e5\u672c\u8a9e\u306e\u30c6"
+                                           "\u30ad\u30b9\u30c8")
+    assert all(b < 128 for b in m.raw), "the message travels as 7-bit"
+    assert all(len(line) <= 998 for line in m.raw.split(b"\r\n"))
+
+
+def test_starttls_with_a_self_signed_certificate(mdb, smtp_server, workers,
+                                                 tls_cert):
+    s = smtp_server(tls_cert=tls_cert.cert, tls_key=tls_cert.key,
+                    require_starttls=True)
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_STARTTLS="require",
+                     SSL_CERT_FILE=tls_cert.cert)
+    tids = [add_email(mdb, {"to": "a@example.com", "subject": f"tls {i}",
+                            "text": "secret"}) for i in range(5)]
+    for tid in tids:
+        assert finished(mdb, tid, w)["state"] == "succeeded"
+    msgs = s.wait_for(5)
+    assert len(msgs) == 5 and all(m.tls for m in msgs)
+
+
+def test_starttls_require_refuses_an_untrusted_certificate(mdb, smtp_server,
+                                                           workers, tls_cert):
+    s = smtp_server(tls_cert=tls_cert.cert, tls_key=tls_cert.key)
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_STARTTLS="require")
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=1)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed"
+    assert "certificate is not trusted" in t["last_error"], t
+    assert s.messages() == []
+
+
+def test_starttls_try_is_opportunistic(mdb, smtp_server, workers, tls_cert):
+    s = smtp_server(tls_cert=tls_cert.cert, tls_key=tls_cert.key)
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_STARTTLS="try")
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = s.wait_for(1)
+    assert m.tls is True
+
+
+def test_auth_with_a_test_user(mdb, smtp_server, workers):
+    s = smtp_server(auth_user="mailer", auth_password="pa55-w0rd!")
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_USER="mailer",
+                     PGRUNNER_SMTP_PASSWORD="pa55-w0rd!",
+                     PGRUNNER_LOG_LEVEL="debug")
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = s.wait_for(1)
+    assert m.auth_login == "mailer"
+    assert "pa55-w0rd!" not in w.output()
+
+
+def test_auth_with_a_wrong_password_is_retried(mdb, smtp_server, workers):
+    s = smtp_server(auth_user="mailer", auth_password="right")
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_USER="mailer",
+                     PGRUNNER_SMTP_PASSWORD="wrong-secret",
+                     PGRUNNER_LOG_LEVEL="debug")
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=3)
+    t = wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"],
+                  w, "a failed login")
+    assert "refused the login" in t["last_error"], t
+    assert "535" in t["last_error"], t
+    assert "wrong-secret" not in t["last_error"]
+    assert s.messages() == []
+    w.stop()
+    assert "wrong-secret" not in w.output()
+
+
+def test_a_550_fails_the_task_at_once(mdb, smtp_server, workers):
+    s = smtp_server(rcpt_code=550)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "nobody@example.com", "text": "x"},
+                    max_attempts=5)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed", t
+    assert t["attempts"] == 1, "a permanent failure spends no more attempts"
+    assert "550" in t["last_error"] and "nobody@example.com" in t["last_error"]
+    assert s.messages() == []
+
+
+def test_a_550_after_data_fails_the_task_at_once(mdb, smtp_server, workers):
+    s = smtp_server(data_code=554)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed" and t["attempts"] == 1, t
+    assert "554" in t["last_error"], t
+
+
+def test_a_4xx_is_retried(mdb, smtp_server, workers):
+    s = smtp_server(rcpt_code=451)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=5)
+    t = wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"]
+                  and t["state"] == "queued", w, "a deferred attempt")
+    assert "451" in t["last_error"], t
+    assert s.messages() == []
+
+
+def test_a_server_that_is_down_then_up_gets_the_mail_once(mdb, smtp_server,
+                                                         workers):
+    s = smtp_server(start=False)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "subject": "patience",
+                          "text": "x"}, max_attempts=20)
+    t = wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"]
+                  and t["state"] == "queued", w, "a failed connection")
+    assert "Connection refused" in t["last_error"], t
+    s.start()
+    retry_now(mdb, tid)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "succeeded", t
+    msgs = s.wait_for(1)
+    assert len(msgs) == 1, "delivered exactly once"
+    assert msgs[0]["Message-ID"] == f"<pgrunner.{tid}@{MSGID_DOMAIN}>"
+    attempts = t["attempts"]
+    w.stop()
+    assert len(s.messages()) == 1
+    assert task(mdb, tid)["attempts"] == attempts
+
+
+def test_a_retry_resends_the_same_message_id(mdb, smtp_server, workers):
+    s = smtp_server(data_code=451)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=20)
+    wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"]
+              and t["state"] == "queued", w, "a deferred attempt")
+    s.stop()
+    s.start(data_code=None)
+    retry_now(mdb, tid)
+    assert finished(mdb, tid, w)["state"] == "succeeded"
+    (m,) = s.wait_for(1)
+    assert m["Message-ID"] == f"<pgrunner.{tid}@{MSGID_DOMAIN}>"
+
+
+def test_a_hung_server_does_not_hold_the_worker(mdb, smtp_server, workers):
+    s = smtp_server(hang=True)
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_TIMEOUT=1)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=1)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed", t
+    assert "did not answer within 1 s" in t["last_error"], t
+
+
+def test_header_injection_fails_and_sends_nothing(mdb, smtp, workers):
+    w = start_worker(workers, mdb, smtp)
+    bad = add_email(mdb, {"to": "a@example.com",
+                          "subject": "Hi\r\nBcc: x@example.com",
+                          "text": "x"})
+    t = finished(mdb, bad, w)
+    assert t["state"] == "failed" and t["attempts"] == 1, t
+    assert "CR or LF" in t["last_error"], t
+    # The worker is fine and the server works: a good task goes through,
+    # and it is the only message the server ever saw.
+    good = add_email(mdb, {"to": "b@example.com", "text": "ok"})
+    assert finished(mdb, good, w)["state"] == "succeeded"
+    msgs = smtp.wait_for(1)
+    assert [m.rcpt_tos for m in msgs] == [["b@example.com"]]
+
+
+@pytest.mark.parametrize("payload,reason", [
+    ('{"to": 42}', '"to" must be a string or an array of strings'),
+    ('{"to": "not-an-address"}', "not a valid email address"),
+    ('{"subject": "nobody to send to"}', "no recipient"),
+    ('{"to": "a@example.com", "headers": {"X-A": "1\\nX-B: 2"}}',
+     "CR or LF"),
+])
+def test_bad_payloads_fail_with_the_reason(mdb, smtp, workers, payload,
+                                           reason):
+    w = start_worker(workers, mdb, smtp)
+    r = mdb.psql("INSERT INTO pgrunner.tasks (kind, payload) "
+                 f"VALUES ('email', '{payload}')")
+    assert r.returncode == 0, r.stderr
+    tid = mdb.scalar("SELECT max(id) FROM pgrunner.tasks")
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed" and t["attempts"] == 1, t
+    assert reason in t["last_error"], t
+    assert smtp.messages() == [], "the task finished without a connection"

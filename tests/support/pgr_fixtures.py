@@ -1,0 +1,269 @@
+"""pytest fixtures for pgrunner's integration tests.
+
+A private PostgreSQL server per pytest process (initdb into a temporary
+directory, a free port on 127.0.0.1; as root the server runs as the
+`postgres` user), one fresh database per test, and helpers that run the real
+`pgrunner` binary. Everything started here is stopped and removed afterwards,
+whatever the outcome.
+"""
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import psycopg2
+import psycopg2.extensions
+import pytest
+
+PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def pgrunner_bin():
+    b = os.environ.get("PGRUNNER_BIN")
+    if b:
+        return b
+    for cand in ("build-asan/pgrunner", "build/pgrunner"):
+        p = os.path.join(ROOT, cand)
+        if os.path.exists(p):
+            return p
+    raise RuntimeError("set PGRUNNER_BIN or build the project first")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_pg_user():
+    """Return a preexec/user argument: the server refuses to run as root."""
+    return os.geteuid() == 0
+
+
+class PgServer:
+    def __init__(self):
+        self.tmp = tempfile.mkdtemp(prefix="pgr-test-pg-")
+        self.data = os.path.join(self.tmp, "data")
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.user = "postgres"
+        self.root = _as_pg_user()
+        if self.root:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.tmp, pw.pw_uid, pw.pw_gid)
+        else:
+            self.user = pwd.getpwuid(os.geteuid()).pw_name
+
+    def _run(self, args, **kw):
+        if self.root:
+            args = ["runuser", "-u", "postgres", "--"] + args
+        return subprocess.run(args, check=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, cwd=self.tmp, **kw)
+
+    def start(self):
+        self._run([os.path.join(PG_BIN, "initdb"), "-D", self.data,
+                   "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8",
+                   "-U", self.user])
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write("\nlisten_addresses = '127.0.0.1'\n"
+                    f"port = {self.port}\n"
+                    f"unix_socket_directories = '{self.tmp}'\n"
+                    "max_connections = 200\n"
+                    "fsync = on\n"
+                    "log_min_messages = warning\n")
+        self.pg_ctl("start", "-w", "-t", "60")
+
+    def pg_ctl(self, *args):
+        return self._run([os.path.join(PG_BIN, "pg_ctl"), "-D", self.data,
+                          "-l", os.path.join(self.tmp, "server.log")]
+                         + list(args))
+
+    def stop(self):
+        try:
+            self.pg_ctl("stop", "-m", "immediate", "-w")
+        except Exception:
+            pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def dsn(self, dbname="postgres"):
+        return (f"host={self.host} port={self.port} user={self.user} "
+                f"dbname={dbname}")
+
+    def url(self, dbname="postgres"):
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{dbname}"
+
+    def connect(self, dbname="postgres", autocommit=True):
+        c = psycopg2.connect(self.dsn(dbname))
+        c.autocommit = autocommit
+        return c
+
+
+@pytest.fixture(scope="session")
+def pg():
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+class Db:
+    """One fresh database of the private server."""
+
+    def __init__(self, server, name):
+        self.server = server
+        self.name = name
+        self.dsn = server.dsn(name)
+        self.url = server.url(name)
+        self._conn = None
+
+    @property
+    def conn(self):
+        if self._conn is None or self._conn.closed:
+            self._conn = self.server.connect(self.name)
+        return self._conn
+
+    def connect(self, autocommit=True):
+        return self.server.connect(self.name, autocommit)
+
+    def query(self, sql, args=None):
+        with self.conn.cursor() as cur:
+            cur.execute(sql, args)
+            if cur.description is None:
+                return None
+            return cur.fetchall()
+
+    def scalar(self, sql, args=None):
+        rows = self.query(sql, args)
+        return rows[0][0] if rows else None
+
+    def psql(self, sql, check=True):
+        return subprocess.run(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                               "-d", self.dsn, "-c", sql],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, check=check)
+
+    def close(self):
+        if self._conn is not None and not self._conn.closed:
+            self._conn.close()
+
+
+@pytest.fixture
+def db(pg):
+    """A fresh, empty (not migrated) database."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = pg.connect()
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    d = Db(pg, name)
+    try:
+        yield d
+    finally:
+        d.close()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
+    """Run the real binary to completion; return CompletedProcess (text)."""
+    e = dict(os.environ)
+    for k in list(e):
+        if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
+            del e[k]
+    e.pop("DATABASE_URL", None)
+    if env:
+        e.update(env)
+    return subprocess.run([pgrunner_bin()] + list(args), env=e,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, check=check, timeout=timeout, input=input)
+
+
+@pytest.fixture
+def mdb(db):
+    """A fresh database migrated by `pgrunner migrate`."""
+    r = run_pgrunner(["migrate", "--db", db.dsn])
+    assert r.returncode == 0, r.stderr
+    return db
+
+
+class Worker:
+    """A running `pgrunner work` process."""
+
+    def __init__(self, db, args, env, log_path):
+        e = dict(os.environ)
+        for k in list(e):
+            if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
+                del e[k]
+        e.pop("DATABASE_URL", None)
+        if env:
+            e.update(env)
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [pgrunner_bin(), "work", "--db", db.dsn] + list(args),
+            env=e, stdout=self._log, stderr=subprocess.STDOUT)
+        self.pid = self.proc.pid
+
+    def output(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=60):
+        """SIGTERM and wait; return the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def alive(self):
+        return self.proc.poll() is None
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Factory: workers(db, *args, env={}) starts a worker; all are killed
+    at the end of the test."""
+    started = []
+
+    def start(db, *args, env=None):
+        w = Worker(db, args, env, tmp_path / f"worker{len(started)}.out")
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        if w.alive():
+            w.kill()
+
+
+def wait_until(pred, timeout=30.0, interval=0.02, what="condition"):
+    """Poll pred() until it is truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,129 @@
+/*
+ * migrate.c - `pgrunner migrate`: apply the embedded sql/NNNN_*.sql files in
+ * order, each in its own transaction, recorded in pgrunner.migrations.
+ *
+ * Thread: main thread of the command (blocking).
+ *
+ * Several processes may migrate at once (every worker container start, say):
+ * each transaction first takes a transaction-scoped advisory lock, so they
+ * queue up, and the second finds the work done. A failed migration rolls
+ * back whole and leaves the recorded version where it was.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include "cli.h"
+#include "db.h"
+#include "log.h"
+#include "migrations.h"
+
+#define MIGRATE_LOCK "SELECT pg_advisory_xact_lock(1885827685, 0)"
+
+int pgr_migrate_latest(void) {
+  return pgr_nmigrations ? pgr_migrations[pgr_nmigrations - 1].version : 0;
+}
+
+/* The highest applied version, or 0 on a fresh database. */
+static int current_version(PGconn *conn, int *version, char *errbuf,
+                           size_t errlen) {
+  PGresult *res = pgr_db_exec(
+      conn,
+      "SELECT coalesce(max(version), 0) FROM pgrunner.migrations", 0, NULL,
+      errbuf, errlen, NULL);
+  if (res == NULL)
+    return PGR_EDB;
+  *version = atoi(PQgetvalue(res, 0, 0));
+  PQclear(res);
+  return 0;
+}
+
+int pgr_migrate_conn(struct pg_conn *conn, int *applied, char *errbuf,
+                     size_t errlen) {
+  int rc = 0;
+  int version = 0;
+  int in_txn = 0;
+
+  *applied = 0;
+  for (size_t i = 0; i < pgr_nmigrations; i++) {
+    const struct pgr_migration *m = &pgr_migrations[i];
+    char vbuf[16];
+    const char *params[2] = {vbuf, m->name};
+    PGresult *res;
+
+    if ((rc = pgr_db_command(conn, "BEGIN", errbuf, errlen)) != 0)
+      goto out;
+    in_txn = 1;
+    if ((rc = pgr_db_command(conn, MIGRATE_LOCK, errbuf, errlen)) != 0)
+      goto out;
+    if ((rc = pgr_db_command(
+             conn,
+             "CREATE SCHEMA IF NOT EXISTS pgrunner;"
+             "CREATE TABLE IF NOT EXISTS pgrunner.migrations ("
+             " version int PRIMARY KEY, name text NOT NULL,"
+             " applied_at timestamptz NOT NULL DEFAULT now())",
+             errbuf, errlen)) != 0)
+      goto out;
+    if ((rc = current_version(conn, &version, errbuf, errlen)) != 0)
+      goto out;
+    if (m->version <= version) {
+      if ((rc = pgr_db_command(conn, "COMMIT", errbuf, errlen)) != 0)
+        goto out;
+      in_txn = 0;
+      continue;
+    }
+    /* A migration file is several statements: the simple query protocol
+       runs them in order inside our transaction. */
+    if ((rc = pgr_db_command(conn, m->sql, errbuf, errlen)) != 0) {
+      char tmp[1024];
+      snprintf(tmp, sizeof tmp, "%s", errbuf);
+      snprintf(errbuf, errlen, "migration %s failed: %s", m->name, tmp);
+      goto out;
+    }
+    snprintf(vbuf, sizeof vbuf, "%d", m->version);
+    res = pgr_db_exec(conn,
+                      "INSERT INTO pgrunner.migrations (version, name) "
+                      "VALUES ($1, $2)",
+                      2, params, errbuf, errlen, NULL);
+    if (res == NULL) {
+      rc = PGR_EDB;
+      goto out;
+    }
+    PQclear(res);
+    if ((rc = pgr_db_command(conn, "COMMIT", errbuf, errlen)) != 0)
+      goto out;
+    in_txn = 0;
+    (*applied)++;
+    pgr_info("migration applied", PGR_LI("version", m->version),
+             PGR_LS("name", m->name));
+  }
+out:
+  if (in_txn) {
+    char ignore[256];
+    (void)pgr_db_command(conn, "ROLLBACK", ignore, sizeof ignore);
+  }
+  return rc;
+}
+
+int pgr_cmd_migrate(const struct pgr_config *cfg) {
+  PGconn *conn = NULL;
+  char err[2048];
+  int applied = 0;
+  int rc;
+
+  if ((rc = pgr_db_connect(cfg->db, "pgrunner migrate", &conn, err,
+                           sizeof err)) != 0)
+    goto out;
+  if ((rc = pgr_migrate_conn(conn, &applied, err, sizeof err)) != 0)
+    goto out;
+  pgr_info(applied ? "schema migrated" : "schema up to date",
+           PGR_LI("version", pgr_migrate_latest()),
+           PGR_LI("applied", applied));
+out:
+  if (rc != 0)
+    pgr_error("migrate failed", PGR_LS("error", err));
+  PQfinish(conn);
+  return rc;
+}

@@ -1,0 +1,56 @@
+/*
+ * jobs/internal.h - private to the worker-thread side (jobs/).
+ *
+ * Thread: worker threads, except where a field says "under pool->mu", which
+ * the loop thread also reads or writes through pool.h's functions.
+ */
+#ifndef PGR_JOBS_INTERNAL_H
+#define PGR_JOBS_INTERNAL_H
+
+#include <libpq-fe.h>
+#include <uv.h>
+
+#include "config.h"
+#include "handlers.h"
+#include "pool.h"
+
+struct pgr_pool;
+
+/* One worker thread and the connection it owns. */
+struct pgr_slot {
+  struct pgr_pool *pool;
+  int index;
+  uv_thread_t thread;
+  PGconn *conn; /* owned by this thread */
+  /* under pool->mu */
+  int backend_pid;
+  int64_t current;
+  uint64_t since_ms; /* when current started */
+  enum pgr_interrupt interrupt;
+};
+
+struct pgr_pool {
+  const struct pgr_config *cfg;
+  const struct pgr_handlers *handlers;
+  char *appname;
+  uv_async_t *wake;
+  uv_mutex_t mu;
+  uv_cond_t cv;
+  struct pgr_claim *q_head, *q_tail; /* submitted, not started */
+  struct pgr_claim *d_head, *d_tail; /* done, not yet taken by the loop */
+  int stopping;
+  int connected;
+  struct pgr_slot *slots;
+  int nslots;
+};
+
+/* txn.c: run one attempt of `c` on the slot's connection, start to end. */
+void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c);
+/* txn.c: connect (or reconnect) the slot, retrying with backoff until it
+   works or the pool stops. 0 when connected. */
+int pgr_txn_connect(struct pgr_slot *s);
+
+/* pool.c: the interrupt requested for the slot's current task. */
+enum pgr_interrupt pgr_slot_interrupt(struct pgr_slot *s);
+
+#endif /* PGR_JOBS_INTERNAL_H */

@@ -1,0 +1,205 @@
+/*
+ * pool.c - N worker threads, each owning one blocking database connection.
+ *
+ * DESIGN: this is where the two sides of pgrunner meet.
+ *
+ *   loop thread                         worker threads
+ *   -----------                         --------------
+ *   pgr_pool_submit(claim)  --mutex-->  queue --cond--> take, run the
+ *                                       attempt (jobs/txn.c, may block)
+ *   on wake: pgr_pool_take_done() <--  done list + uv_async_send(wake)
+ *
+ * The loop never waits for a worker: submit and take only hold the mutex
+ * for a few pointer moves. uv_async_send() coalesces, so the loop swaps the
+ * whole done list out in one go (libuv's uv__work_done does the same).
+ * Own threads rather than uv_queue_work: libuv's pool is shared with DNS and
+ * fs work and gives no affinity, while each worker needs its own PGconn.
+ *
+ * Thread: see pool.h for which function runs where.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "jobs/internal.h"
+#include "log.h"
+
+struct pgr_claim *pgr_claim_create(void) {
+  return pgr_calloc(1, sizeof(struct pgr_claim));
+}
+
+void pgr_claim_free(struct pgr_claim *c) {
+  if (c == NULL)
+    return;
+  free(c->kind);
+  free(c->queue);
+  free(c->payload);
+  free(c->error);
+  free(c);
+}
+
+enum pgr_interrupt pgr_slot_interrupt(struct pgr_slot *s) {
+  enum pgr_interrupt why;
+  uv_mutex_lock(&s->pool->mu);
+  why = s->interrupt;
+  uv_mutex_unlock(&s->pool->mu);
+  return why;
+}
+
+static void worker_main(void *arg) {
+  struct pgr_slot *s = arg;
+  struct pgr_pool *p = s->pool;
+
+  if (pgr_txn_connect(s) != 0)
+    pgr_debug("worker thread stopping before it connected");
+  for (;;) {
+    struct pgr_claim *c;
+
+    uv_mutex_lock(&p->mu);
+    while (p->q_head == NULL && !p->stopping)
+      uv_cond_wait(&p->cv, &p->mu);
+    c = p->q_head;
+    if (c == NULL) { /* stopping and nothing left */
+      uv_mutex_unlock(&p->mu);
+      break;
+    }
+    p->q_head = c->next;
+    if (p->q_head == NULL)
+      p->q_tail = NULL;
+    c->next = NULL;
+    s->current = c->id;
+    s->since_ms = pgr_now_ms();
+    s->interrupt = PGR_INT_NONE;
+    uv_mutex_unlock(&p->mu);
+
+    pgr_txn_run(s, c);
+
+    uv_mutex_lock(&p->mu);
+    s->current = 0;
+    s->interrupt = PGR_INT_NONE;
+    if (p->d_tail)
+      p->d_tail->next = c;
+    else
+      p->d_head = c;
+    p->d_tail = c;
+    uv_mutex_unlock(&p->mu);
+    uv_async_send(p->wake);
+  }
+  if (s->conn) {
+    PQfinish(s->conn);
+    s->conn = NULL;
+  }
+}
+
+int pgr_pool_create(const struct pgr_config *cfg,
+                    const struct pgr_handlers *handlers, const char *appname,
+                    uv_async_t *wake, struct pgr_pool **out) {
+  struct pgr_pool *p = pgr_calloc(1, sizeof *p);
+  int i;
+
+  p->cfg = cfg;
+  p->handlers = handlers;
+  p->appname = pgr_strdup(appname);
+  p->wake = wake;
+  PGR_ASSERT(uv_mutex_init(&p->mu) == 0);
+  PGR_ASSERT(uv_cond_init(&p->cv) == 0);
+  p->nslots = cfg->concurrency;
+  p->slots = pgr_calloc((size_t)p->nslots, sizeof *p->slots);
+  for (i = 0; i < p->nslots; i++) {
+    p->slots[i].pool = p;
+    p->slots[i].index = i;
+    if (uv_thread_create(&p->slots[i].thread, worker_main, &p->slots[i]) !=
+        0)
+      pgr_fatal(__FILE__, __LINE__, "cannot start worker thread %d", i);
+  }
+  *out = p;
+  return 0;
+}
+
+void pgr_pool_submit(struct pgr_pool *p, struct pgr_claim *c) {
+  c->next = NULL;
+  uv_mutex_lock(&p->mu);
+  if (p->q_tail)
+    p->q_tail->next = c;
+  else
+    p->q_head = c;
+  p->q_tail = c;
+  uv_cond_signal(&p->cv);
+  uv_mutex_unlock(&p->mu);
+}
+
+struct pgr_claim *pgr_pool_take_done(struct pgr_pool *p) {
+  struct pgr_claim *list;
+  uv_mutex_lock(&p->mu);
+  list = p->d_head;
+  p->d_head = p->d_tail = NULL;
+  uv_mutex_unlock(&p->mu);
+  return list;
+}
+
+int pgr_pool_interrupt(struct pgr_pool *p, int64_t id,
+                       enum pgr_interrupt why) {
+  int pid = 0;
+  uv_mutex_lock(&p->mu);
+  for (int i = 0; i < p->nslots; i++) {
+    struct pgr_slot *s = &p->slots[i];
+    if (s->current == id) {
+      /* A cancel outranks a shutdown or a timeout: the user asked. */
+      if (s->interrupt == PGR_INT_NONE || why == PGR_INT_CANCEL)
+        s->interrupt = why;
+      pid = s->backend_pid;
+      break;
+    }
+  }
+  uv_mutex_unlock(&p->mu);
+  return pid;
+}
+
+uint64_t pgr_pool_running_since(struct pgr_pool *p, int64_t id) {
+  uint64_t since = 0;
+  uv_mutex_lock(&p->mu);
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].current == id)
+      since = p->slots[i].since_ms;
+  uv_mutex_unlock(&p->mu);
+  return since;
+}
+
+struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *p) {
+  struct pgr_claim *list;
+  uv_mutex_lock(&p->mu);
+  list = p->q_head;
+  p->q_head = p->q_tail = NULL;
+  uv_mutex_unlock(&p->mu);
+  return list;
+}
+
+int pgr_pool_connected(struct pgr_pool *p) {
+  int n;
+  uv_mutex_lock(&p->mu);
+  n = p->connected;
+  uv_mutex_unlock(&p->mu);
+  return n;
+}
+
+void pgr_pool_destroy(struct pgr_pool *p) {
+  if (p == NULL)
+    return;
+  uv_mutex_lock(&p->mu);
+  p->stopping = 1;
+  uv_cond_broadcast(&p->cv);
+  uv_mutex_unlock(&p->mu);
+  for (int i = 0; i < p->nslots; i++)
+    uv_thread_join(&p->slots[i].thread);
+  /* Claims the loop never took back (it has stopped). */
+  struct pgr_claim *c = p->d_head;
+  while (c) {
+    struct pgr_claim *next = c->next;
+    pgr_claim_free(c);
+    c = next;
+  }
+  free(p->slots);
+  free(p->appname);
+  uv_cond_destroy(&p->cv);
+  uv_mutex_destroy(&p->mu);
+  free(p);
+}

@@ -1,0 +1,566 @@
+/*
+ * txn.c - one attempt of one task = one transaction, on a worker thread.
+ *
+ * Thread: worker threads only (blocking libpq; PGR_ASSERT_OFF_LOOP guards).
+ *
+ * The attempt's transaction:
+ *   BEGIN;
+ *   SELECT pgrunner.mark_succeeded(id, attempt, worker);  -- lock + verify
+ *   <the handler's work>
+ *   COMMIT;
+ * Marking success first is safe because nothing is visible before COMMIT,
+ * and it lets the whole transaction of a SQL-function task travel as one
+ * pipeline (one round trip). The built-in noop needs no transaction block:
+ * its attempt is the single UPDATE that marks it, itself a transaction.
+ *
+ * A failed attempt is rolled back and then recorded by
+ * pgrunner.finish_attempt() in a transaction of its own. When the
+ * connection drops mid-attempt the outcome of COMMIT is unknown: after
+ * reconnecting we read the row; if our attempt committed it says succeeded,
+ * and otherwise the attempt is recorded as failed, so a task is neither lost
+ * nor completed twice.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "db.h"
+#include "jobs/internal.h"
+#include "log.h"
+
+#define ERRLEN 4096
+
+enum attempt_result {
+  A_OK = 0,
+  A_RETRY,     /* handler failed, retryable */
+  A_PERMANENT, /* handler failed for good */
+  A_LOST,      /* the attempt is no longer ours */
+  A_CONNLOST,  /* the connection dropped: outcome to be found out */
+};
+
+struct attempt {
+  enum attempt_result r;
+  char msg[ERRLEN];
+};
+
+static const char mark_sql[] =
+    "SELECT pgrunner.mark_succeeded($1::bigint, $2::int, $3::bigint)";
+static const char noop_sql[] =
+    "UPDATE pgrunner.tasks SET state = 'succeeded', finished_at = now(),"
+    " last_error = NULL "
+    "WHERE id = $1::bigint AND state = 'running' AND attempts = $2::int"
+    " AND worker_id = $3::bigint";
+static const char finish_sql[] =
+    "SELECT new_state, run_at_ms FROM pgrunner.finish_attempt($1::bigint,"
+    " $2::int, $3::bigint, $4, $5)";
+static const char check_sql[] =
+    "SELECT state, attempts, worker_id FROM pgrunner.tasks WHERE id = $1";
+
+/* Keep last_error printable: control characters other than newline and tab
+   become spaces, and invalid UTF-8 would be refused by the server. */
+static void printable(char *s) {
+  for (unsigned char *p = (unsigned char *)s; *p; p++)
+    if ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f)
+      *p = ' ';
+}
+
+static void set_msg(struct attempt *a, enum attempt_result r,
+                    const char *msg) {
+  a->r = r;
+  snprintf(a->msg, sizeof a->msg, "%s", msg ? msg : "");
+  printable(a->msg);
+}
+
+static const char *sqlstate_of(const PGresult *res) {
+  const char *s = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  return s ? s : "";
+}
+
+int pgr_txn_connect(struct pgr_slot *s) {
+  struct pgr_pool *p = s->pool;
+  char err[1024];
+  uint64_t backoff = 100;
+  PGconn *conn;
+
+  PGR_ASSERT_OFF_LOOP();
+  if (s->conn) {
+    PQfinish(s->conn);
+    s->conn = NULL;
+    uv_mutex_lock(&p->mu);
+    p->connected--;
+    s->backend_pid = 0;
+    uv_mutex_unlock(&p->mu);
+  }
+  for (;;) {
+    uv_mutex_lock(&p->mu);
+    int stopping = p->stopping;
+    uv_mutex_unlock(&p->mu);
+    if (stopping)
+      return PGR_ECONN;
+    if (pgr_db_connect(p->cfg->db, p->appname, &conn, err, sizeof err) == 0)
+      break;
+    pgr_warn("worker connection failed; retrying", PGR_LI("thread", s->index),
+             PGR_LS("error", err), PGR_LI("retry_ms", backoff));
+    uv_sleep((unsigned)backoff);
+    backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
+  }
+
+  /* The default time limit applies to every statement of a task; a task
+     with its own limit overrides it with SET LOCAL. The server notices a
+     client that died in the middle of a long query within a second (PG 14+;
+     older servers reject the setting, which we then do without). */
+  char set[128];
+  snprintf(set, sizeof set, "SET statement_timeout = %lld",
+           (long long)p->cfg->task_timeout_s * 1000);
+  if (pgr_db_command(conn, set, err, sizeof err) != 0)
+    pgr_warn("cannot set statement_timeout", PGR_LS("error", err));
+  (void)pgr_db_command(conn, "SET client_connection_check_interval = 1000",
+                       err, sizeof err);
+
+  static const struct {
+    const char *name, *sql;
+  } prep[] = {
+      {"pgr_mark", mark_sql},
+      {"pgr_noop", noop_sql},
+      {"pgr_finish", finish_sql},
+      {"pgr_check", check_sql},
+  };
+  for (size_t i = 0; i < PGR_ARRAY_LEN(prep); i++) {
+    PGresult *res = PQprepare(conn, prep[i].name, prep[i].sql, 0, NULL);
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+      pgr_db_describe_error(res, conn, err, sizeof err);
+      pgr_error("cannot prepare worker statements", PGR_LS("error", err));
+    }
+    PQclear(res);
+  }
+
+  uv_mutex_lock(&p->mu);
+  s->conn = conn;
+  s->backend_pid = PQbackendPID(conn);
+  p->connected++;
+  uv_mutex_unlock(&p->mu);
+  pgr_debug("worker connected", PGR_LI("thread", s->index),
+            PGR_LI("backend_pid", s->backend_pid));
+  return 0;
+}
+
+/* Run one simple command outside a pipeline; errors go to a->msg. */
+static int command(PGconn *conn, const char *sql) {
+  PGresult *res = PQexec(conn, sql);
+  int ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+  PQclear(res);
+  return ok ? 0 : PGR_EDB;
+}
+
+/*
+ * Collect the results of a pipeline of `n` commands plus its sync.
+ * Returns the index of the first failed command (its message in a->msg,
+ * its SQLSTATE in state), n if all succeeded, or -1 if the connection broke.
+ */
+static int pipeline_results(PGconn *conn, int n, struct attempt *a,
+                            char state[6]) {
+  int failed = n;
+  state[0] = '\0';
+  for (int i = 0; i < n; i++) {
+    PGresult *res;
+    while ((res = PQgetResult(conn)) != NULL) {
+      ExecStatusType st = PQresultStatus(res);
+      if (st == PGRES_FATAL_ERROR && failed == n) {
+        const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+        failed = i;
+        snprintf(state, 6, "%.5s", sqlstate_of(res));
+        set_msg(a, A_RETRY, m ? m : PQerrorMessage(conn));
+      }
+      PQclear(res);
+    }
+    if (PQstatus(conn) == CONNECTION_BAD)
+      return -1;
+  }
+  /* The sync. */
+  PGresult *res = PQgetResult(conn);
+  if (res == NULL || PQresultStatus(res) != PGRES_PIPELINE_SYNC) {
+    PQclear(res);
+    return -1;
+  }
+  PQclear(res);
+  return failed;
+}
+
+/*
+ * Send BEGIN, the optional time limit, the mark, an optional SQL call and
+ * an optional COMMIT as one pipeline and read it back.
+ */
+static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
+                         const char *call_sql, int commit, struct attempt *a) {
+  PGconn *conn = s->conn;
+  char id[32], att[16], wid[32], tmo[32], state[6];
+  const char *mark_params[3] = {id, att, wid};
+  const char *tmo_params[1] = {tmo};
+  const char *call_params[1] = {c->payload};
+  int n = 0, step_mark, step_call = -1, step_commit = -1;
+  int override = c->timeout_s != s->pool->cfg->task_timeout_s;
+
+  snprintf(id, sizeof id, "%lld", (long long)c->id);
+  snprintf(att, sizeof att, "%d", c->attempt);
+  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
+
+  if (PQenterPipelineMode(conn) != 1)
+    goto broken;
+  if (!PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0))
+    goto broken;
+  n++;
+  if (override) {
+    if (!PQsendQueryParams(conn,
+                           "SELECT set_config('statement_timeout', $1, true)",
+                           1, NULL, tmo_params, NULL, NULL, 0))
+      goto broken;
+    n++;
+  }
+  if (!PQsendQueryPrepared(conn, "pgr_mark", 3, mark_params, NULL, NULL, 0))
+    goto broken;
+  step_mark = n++;
+  if (call_sql) {
+    if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL,
+                           0))
+      goto broken;
+    step_call = n++;
+  }
+  if (commit) {
+    if (!PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0))
+      goto broken;
+    step_commit = n++;
+  }
+  if (!PQpipelineSync(conn))
+    goto broken;
+  int failed = pipeline_results(conn, n, a, state);
+  if (failed < 0)
+    goto broken;
+  PQexitPipelineMode(conn);
+  if (failed == n) {
+    a->r = A_OK;
+    return;
+  }
+  /* Anything but a failed COMMIT leaves an aborted transaction block. */
+  if (failed != step_commit && command(conn, "ROLLBACK") != 0 &&
+      PQstatus(conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+    return;
+  }
+  if (strcmp(state, "PR001") == 0 && failed == step_mark) {
+    a->r = A_LOST;
+  } else if (failed == step_call && strcmp(state, "42883") == 0) {
+    /* Is it our function that is missing, or something it calls? */
+    char q[512];
+    char *lit_schema = PQescapeLiteral(conn, s->pool->cfg->jobs_schema,
+                                       strlen(s->pool->cfg->jobs_schema));
+    char *lit_kind = PQescapeLiteral(conn, c->kind, strlen(c->kind));
+    snprintf(q, sizeof q,
+             "SELECT to_regprocedure(format('%%I.%%I(jsonb)', %s, %s)) IS "
+             "NULL",
+             lit_schema ? lit_schema : "''", lit_kind ? lit_kind : "''");
+    PQfreemem(lit_schema);
+    PQfreemem(lit_kind);
+    PGresult *res = PQexec(conn, q);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK &&
+        strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
+      char m[512];
+      snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+      set_msg(a, A_PERMANENT, m);
+    }
+    PQclear(res);
+  } else if (strcmp(state, "PR002") == 0) {
+    /* A SQL job may raise SQLSTATE PR002 to fail for good. */
+    a->r = A_PERMANENT;
+  }
+  return;
+broken:
+  if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
+    PQexitPipelineMode(conn);
+  if (PQstatus(conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+  } else {
+    set_msg(a, A_RETRY, PQerrorMessage(conn));
+    (void)command(conn, "ROLLBACK");
+  }
+}
+
+static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
+                     struct attempt *a) {
+  char id[32], att[16], wid[32];
+  const char *params[3] = {id, att, wid};
+  snprintf(id, sizeof id, "%lld", (long long)c->id);
+  snprintf(att, sizeof att, "%d", c->attempt);
+  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+
+  PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL,
+                                 0);
+  if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+    a->r = strcmp(PQcmdTuples(res), "1") == 0 ? A_OK : A_LOST;
+  } else if (PQstatus(s->conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+  } else {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    set_msg(a, A_RETRY, m ? m : PQerrorMessage(s->conn));
+  }
+  PQclear(res);
+}
+
+/* pgr_job callbacks for C handlers. */
+struct job_priv {
+  struct pgr_claim *claim;
+  char *error;
+};
+
+static void job_log(struct pgr_job *job, enum pgr_level level,
+                    const char *msg) {
+  pgr_log(level, msg, PGR_LI("task", job->task->id),
+          PGR_LS("kind", job->task->kind));
+}
+
+static void job_fail(struct pgr_job *job, const char *msg) {
+  struct job_priv *jp = job->priv;
+  free(jp->error);
+  jp->error = pgr_strdup(msg ? msg : "");
+}
+
+static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
+                          const struct pgr_handler *h, struct attempt *a) {
+  struct pgr_task task = {c->id,      c->kind,    c->queue,
+                          c->payload, c->attempt, c->max_attempts};
+  struct job_priv jp = {c, NULL};
+  struct pgr_job job = {&task, s->conn, job_log, job_fail, &jp};
+
+  run_pipeline(s, c, NULL, 0, a);
+  if (a->r != A_OK)
+    return;
+  enum pgr_outcome o = h->fn(&job, h->arg);
+  if (PQstatus(s->conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+    goto out;
+  }
+  if (o == PGR_SUCCESS && PQtransactionStatus(s->conn) == PQTRANS_INTRANS) {
+    PGresult *res = PQexec(s->conn, "COMMIT");
+    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
+      a->r = A_OK;
+    } else if (PQstatus(s->conn) == CONNECTION_BAD) {
+      a->r = A_CONNLOST;
+    } else {
+      const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+      set_msg(a, A_RETRY, m ? m : "COMMIT failed");
+    }
+    PQclear(res);
+    goto out;
+  }
+  if (o == PGR_SUCCESS) {
+    /* The handler left the transaction (committed, aborted or failed). */
+    set_msg(a, A_RETRY, "handler left its transaction in an unusable state");
+  } else {
+    set_msg(a, o == PGR_PERMANENT ? A_PERMANENT : A_RETRY,
+            jp.error ? jp.error : "handler failed");
+  }
+  if (command(s->conn, "ROLLBACK") != 0 &&
+      PQstatus(s->conn) == CONNECTION_BAD)
+    a->r = A_CONNLOST;
+out:
+  free(jp.error);
+}
+
+/* After a dropped connection: did our attempt commit? */
+static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
+  char id[32];
+  const char *params[1] = {id};
+  enum attempt_result r = A_LOST;
+
+  snprintf(id, sizeof id, "%lld", (long long)c->id);
+  for (;;) {
+    if (pgr_txn_connect(s) != 0)
+      return A_LOST; /* stopping: recovery will see to the task */
+    PGresult *res = PQexecPrepared(s->conn, "pgr_check", 1, params, NULL,
+                                   NULL, 0);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+      if (PQntuples(res) == 1 &&
+          atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
+          atoll(PQgetvalue(res, 0, 2)) == c->worker_id) {
+        const char *st = PQgetvalue(res, 0, 0);
+        if (strcmp(st, "succeeded") == 0)
+          r = A_OK;
+        else if (strcmp(st, "running") == 0)
+          r = A_RETRY;
+      }
+      PQclear(res);
+      return r;
+    }
+    PQclear(res);
+    if (PQstatus(s->conn) != CONNECTION_BAD)
+      return A_LOST;
+  }
+}
+
+/* Record a failed attempt; sets c->done and c->retry_at_ms. */
+static void finish(struct pgr_slot *s, struct pgr_claim *c,
+                   const char *outcome, const char *error) {
+  char id[32], att[16], wid[32];
+  const char *params[5] = {id, att, wid, outcome, error};
+
+  snprintf(id, sizeof id, "%lld", (long long)c->id);
+  snprintf(att, sizeof att, "%d", c->attempt);
+  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  for (;;) {
+    PGresult *res = PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL,
+                                   NULL, 0);
+    if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+      if (PQntuples(res) == 0) {
+        c->done = PGR_DONE_LOST;
+      } else {
+        const char *st = PQgetvalue(res, 0, 0);
+        c->retry_at_ms = atoll(PQgetvalue(res, 0, 1));
+        if (strcmp(st, "failed") == 0)
+          c->done = PGR_DONE_FAILED;
+        else if (strcmp(st, "cancelled") == 0)
+          c->done = PGR_DONE_CANCELLED;
+        else if (strcmp(outcome, "requeue") == 0)
+          c->done = PGR_DONE_REQUEUED;
+        else
+          c->done = PGR_DONE_RETRY;
+      }
+      PQclear(res);
+      return;
+    }
+    char err[1024];
+    pgr_db_describe_error(res, s->conn, err, sizeof err);
+    PQclear(res);
+    if (PQstatus(s->conn) != CONNECTION_BAD) {
+      pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
+                PGR_LS("error", err));
+      c->done = PGR_DONE_LOST;
+      return;
+    }
+    if (pgr_txn_connect(s) != 0) {
+      c->done = PGR_DONE_LOST;
+      return;
+    }
+  }
+}
+
+/* The attempt's closing log line (SPEC section 7). */
+static void log_end(const struct pgr_claim *c) {
+  int64_t ms = (int64_t)(c->finished_us - c->started_us) / 1000;
+  switch (c->done) {
+  case PGR_DONE_SUCCEEDED:
+    pgr_info("task succeeded", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
+             PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt),
+             PGR_LI("duration_ms", ms));
+    break;
+  case PGR_DONE_RETRY:
+    pgr_warn("task retry scheduled", PGR_LI("task", c->id),
+             PGR_LS("kind", c->kind), PGR_LS("queue", c->queue),
+             PGR_LI("attempt", c->attempt), PGR_LI("duration_ms", ms),
+             PGR_LI("retry_in_ms", c->retry_at_ms - pgr_wall_ms()),
+             PGR_LS("error", c->error));
+    break;
+  case PGR_DONE_FAILED:
+    pgr_warn("task failed", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
+             PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt),
+             PGR_LI("duration_ms", ms), PGR_LS("error", c->error));
+    break;
+  case PGR_DONE_CANCELLED:
+    pgr_warn("task cancelled", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
+             PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt),
+             PGR_LI("duration_ms", ms));
+    break;
+  case PGR_DONE_REQUEUED:
+    pgr_warn("task interrupted; queued again", PGR_LI("task", c->id),
+             PGR_LS("kind", c->kind), PGR_LS("queue", c->queue),
+             PGR_LI("attempt", c->attempt), PGR_LI("duration_ms", ms));
+    break;
+  case PGR_DONE_LOST:
+    pgr_warn("task attempt no longer ours; dropped", PGR_LI("task", c->id),
+             PGR_LS("kind", c->kind), PGR_LI("attempt", c->attempt));
+    break;
+  }
+}
+
+void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
+  struct pgr_pool *p = s->pool;
+  struct attempt a;
+  const struct pgr_handler *h;
+  char *call_sql = NULL;
+
+  PGR_ASSERT_OFF_LOOP();
+  a.r = A_OK;
+  a.msg[0] = '\0';
+  c->started_us = pgr_now_us();
+  pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
+           PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
+
+  if ((s->conn == NULL || PQstatus(s->conn) != CONNECTION_OK) &&
+      pgr_txn_connect(s) != 0) {
+    c->done = PGR_DONE_LOST;
+    goto out;
+  }
+
+  h = pgr_handlers_find(p->handlers, c->kind);
+  if (h && h->noop && c->timeout_s == p->cfg->task_timeout_s) {
+    run_noop(s, c, &a);
+  } else if (h) {
+    run_c_handler(s, c, h, &a);
+  } else if (pgr_valid_kind(c->kind)) {
+    char *schema = PQescapeIdentifier(s->conn, p->cfg->jobs_schema,
+                                      strlen(p->cfg->jobs_schema));
+    char *fn = PQescapeIdentifier(s->conn, c->kind, strlen(c->kind));
+    PGR_ASSERT(schema && fn);
+    call_sql = pgr_asprintf("SELECT %s.%s($1::jsonb)", schema, fn);
+    PQfreemem(schema);
+    PQfreemem(fn);
+    run_pipeline(s, c, call_sql, 1, &a);
+  } else {
+    char m[512];
+    snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+    set_msg(&a, A_PERMANENT, m);
+  }
+
+  if (a.r == A_CONNLOST) {
+    pgr_warn("database connection lost during a task", PGR_LI("task", c->id));
+    a.r = find_out(s, c);
+    set_msg(&a, a.r, "database connection lost during the attempt");
+  }
+
+  enum pgr_interrupt why = pgr_slot_interrupt(s);
+  char tmsg[128];
+  const char *msg = a.msg;
+  switch (a.r) {
+  case A_OK:
+    c->done = PGR_DONE_SUCCEEDED;
+    break;
+  case A_LOST:
+    c->done = PGR_DONE_LOST;
+    break;
+  case A_RETRY:
+  case A_PERMANENT:
+    if (why == PGR_INT_CANCEL) {
+      msg = "cancelled while running";
+      finish(s, c, "cancel", msg);
+    } else if (why == PGR_INT_SHUTDOWN) {
+      finish(s, c, "requeue", "");
+    } else if (why == PGR_INT_TIMEOUT ||
+               strstr(a.msg, "statement timeout") != NULL) {
+      snprintf(tmsg, sizeof tmsg, "task exceeded its time limit of %d s",
+               c->timeout_s);
+      msg = tmsg;
+      finish(s, c, "retry", msg);
+    } else {
+      finish(s, c, a.r == A_PERMANENT ? "permanent" : "retry", msg);
+    }
+    break;
+  case A_CONNLOST:
+    PGR_ASSERT(0);
+  }
+  if (c->done != PGR_DONE_SUCCEEDED && c->done != PGR_DONE_LOST &&
+      c->done != PGR_DONE_REQUEUED)
+    c->error = pgr_strdup(msg);
+out:
+  c->finished_us = pgr_now_us();
+  log_end(c);
+  free(call_sql);
+}

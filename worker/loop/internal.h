@@ -1,0 +1,85 @@
+/*
+ * loop/internal.h - the worker's loop-side state, shared by the files of
+ * worker/loop/.
+ *
+ * Thread: LOOP THREAD ONLY. Nothing reachable from here may block: no
+ * blocking libpq call, no file I/O, no sleep (tests/lint enforces the names,
+ * PGR_ASSERT_OFF_LOOP the behaviour).
+ */
+#ifndef PGR_LOOP_INTERNAL_H
+#define PGR_LOOP_INTERNAL_H
+
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "config.h"
+#include "handlers.h"
+#include "loop/pgconn.h"
+#include "pool.h"
+
+/* Claimed attempts per thread: running plus waiting in the pool's queue. */
+#define PGR_CLAIM_FACTOR 2
+
+struct pgr_loop {
+  const struct pgr_config *cfg;
+  uv_loop_t loop;
+  struct pgr_pgconn pg;
+  struct pgr_pool *pool;
+  const struct pgr_handlers *handlers;
+
+  int64_t worker_id;
+  char appname[64];
+  char hostname[256];
+
+  uv_async_t done_async;
+  uv_signal_t sigterm, sigint, sighup;
+  uv_timer_t wake_timer;      /* the earliest future run_at */
+  uint64_t wake_at_ms;        /* wall clock of wake_timer; 0: not armed */
+  uv_timer_t poll_timer;      /* --poll-interval fallback */
+  uv_timer_t heartbeat_timer; /* register, heartbeat, recovery */
+  uv_timer_t prune_timer;     /* retention */
+  uv_timer_t watchdog_timer;  /* task time limits */
+  uv_timer_t shutdown_timer;  /* --shutdown-timeout */
+
+  /* Claimed attempts on the worker threads, newest first. */
+  struct pgr_claim *inflight;
+  int ninflight;
+  int *queue_running; /* per cfg->queues index */
+
+  int registered;     /* heartbeat succeeded on the current connection */
+  int claiming;       /* a claim query is in flight */
+  int claim_asked;    /* how many it asked for */
+  int more;           /* work may be waiting: claim when a slot frees */
+  int heartbeat_busy;
+  int prune_busy;
+  int shutting_down;
+  int interrupted_all;
+  int closing;
+  int exit_code;
+};
+
+/* listener.c */
+void pgr_listener_on_up(struct pgr_pgconn *c);
+void pgr_listener_on_down(struct pgr_pgconn *c, const char *why);
+void pgr_listener_on_notify(struct pgr_pgconn *c, const char *channel,
+                            const char *payload);
+void pgr_listener_claim(struct pgr_loop *l);
+void pgr_listener_wake_at(struct pgr_loop *l, int64_t at_ms);
+void pgr_listener_heartbeat(struct pgr_loop *l);
+void pgr_listener_start_timers(struct pgr_loop *l);
+
+/* dispatch.c */
+void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c);
+void pgr_dispatch_on_done(uv_async_t *a);
+void pgr_dispatch_interrupt(struct pgr_loop *l, int64_t id,
+                            enum pgr_interrupt why);
+void pgr_dispatch_interrupt_all(struct pgr_loop *l, enum pgr_interrupt why);
+void pgr_dispatch_on_watchdog(uv_timer_t *t);
+/* Shutdown: queue again (no attempt spent) what no thread has started. */
+void pgr_dispatch_give_back(struct pgr_loop *l);
+
+/* loop.c */
+void pgr_loop_maybe_finish(struct pgr_loop *l);
+
+#endif /* PGR_LOOP_INTERNAL_H */

@@ -1,0 +1,222 @@
+/*
+ * loop.c - owns the uv_loop_t of `pgrunner work`: start-up, signals and the
+ * shutdown sequence.
+ *
+ * Thread: LOOP THREAD ONLY (the main thread while uv_run runs).
+ *
+ * Shutdown (SIGTERM/SIGINT): stop claiming; let running attempts finish for
+ * --shutdown-timeout seconds; then interrupt them (they roll back and are
+ * queued again without spending an attempt); deregister; close every
+ * handle; uv_run returns; the worker threads are joined; exit 0.
+ * A second signal skips the grace period.
+ */
+#include "loop/loop.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "loop/internal.h"
+#include "metrics.h"
+
+/* After the grace period and the interrupt, how long we still wait for a
+   handler that ignores it (a C handler deep in its own code). */
+#define HARD_STOP_MS 15000
+
+static void on_closed(uv_handle_t *h) {
+  (void)h;
+}
+
+static void close_open(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h))
+    uv_close(h, on_closed);
+}
+
+static void on_pg_closed(struct pgr_pgconn *c) {
+  (void)c;
+}
+
+static void close_all(struct pgr_loop *l) {
+  uv_timer_stop(&l->wake_timer);
+  uv_close((uv_handle_t *)&l->wake_timer, on_closed);
+  uv_close((uv_handle_t *)&l->poll_timer, on_closed);
+  uv_close((uv_handle_t *)&l->heartbeat_timer, on_closed);
+  uv_close((uv_handle_t *)&l->prune_timer, on_closed);
+  uv_close((uv_handle_t *)&l->watchdog_timer, on_closed);
+  uv_close((uv_handle_t *)&l->shutdown_timer, on_closed);
+  uv_close((uv_handle_t *)&l->sigterm, on_closed);
+  uv_close((uv_handle_t *)&l->sigint, on_closed);
+  uv_close((uv_handle_t *)&l->sighup, on_closed);
+  uv_close((uv_handle_t *)&l->done_async, on_closed);
+  pgr_pgconn_close(&l->pg, on_pg_closed);
+}
+
+static void on_deregistered(struct pgr_pgconn *c, PGresult *res, void *arg) {
+  (void)c;
+  (void)res;
+  close_all(arg);
+}
+
+void pgr_loop_maybe_finish(struct pgr_loop *l) {
+  if (!l->shutting_down || l->closing || l->ninflight > 0)
+    return;
+  l->closing = 1;
+  char wid[32];
+  const char *params[1] = {wid};
+  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
+  if (pgr_pgconn_query(&l->pg, "DELETE FROM pgrunner.workers WHERE id = $1",
+                       1, params, on_deregistered, l) != 0)
+    close_all(l);
+}
+
+static void on_hard_stop(uv_timer_t *t) {
+  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, shutdown_timer);
+  pgr_error("tasks did not stop after being interrupted; exiting anyway "
+            "(other workers will recover them)",
+            PGR_LI("running", l->ninflight));
+  pgr_log_stop();
+  _exit(1);
+}
+
+static void on_shutdown_timer(uv_timer_t *t) {
+  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, shutdown_timer);
+  if (l->ninflight > 0) {
+    pgr_warn("shutdown timeout reached; interrupting running tasks",
+             PGR_LI("running", l->ninflight));
+    l->interrupted_all = 1;
+    pgr_dispatch_interrupt_all(l, PGR_INT_SHUTDOWN);
+    uv_timer_start(&l->shutdown_timer, on_hard_stop, HARD_STOP_MS, 0);
+  }
+}
+
+static void begin_shutdown(struct pgr_loop *l, const char *why) {
+  if (l->shutting_down) {
+    if (!l->interrupted_all && l->ninflight > 0) {
+      pgr_warn("second signal: interrupting running tasks now");
+      uv_timer_stop(&l->shutdown_timer);
+      on_shutdown_timer(&l->shutdown_timer);
+    }
+    return;
+  }
+  l->shutting_down = 1;
+  pgr_info("shutting down", PGR_LS("reason", why),
+           PGR_LI("running", l->ninflight),
+           PGR_LI("timeout_s", l->cfg->shutdown_timeout_s));
+  uv_timer_stop(&l->poll_timer);
+  uv_timer_stop(&l->wake_timer);
+  uv_timer_stop(&l->prune_timer);
+  pgr_dispatch_give_back(l);
+  uv_timer_start(&l->shutdown_timer, on_shutdown_timer,
+                 (uint64_t)l->cfg->shutdown_timeout_s * 1000, 0);
+  pgr_loop_maybe_finish(l);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  struct pgr_loop *l = s->data;
+  if (signum == SIGHUP) {
+    pgr_info("SIGHUP: reopening the log file");
+    pgr_log_reopen();
+    return;
+  }
+  begin_shutdown(l, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static int64_t random_id(void) {
+  uint64_t v = 0;
+  if (uv_random(NULL, NULL, &v, sizeof v, 0, NULL) != 0)
+    v = pgr_now_us() ^ ((uint64_t)getpid() << 32);
+  return (int64_t)(v >> 1) | 1; /* positive, never 0 */
+}
+
+int pgr_loop_run(const struct pgr_config *cfg) {
+  struct pgr_loop *l = pgr_calloc(1, sizeof *l);
+  struct pgr_handlers *handlers = NULL;
+  char err[1024];
+  int rc = 0;
+  int loop_ok = 0;
+
+  l->cfg = cfg;
+  l->worker_id = random_id();
+  snprintf(l->appname, sizeof l->appname, "pgrunner/%016llx",
+           (unsigned long long)l->worker_id);
+  if (gethostname(l->hostname, sizeof l->hostname - 1) != 0)
+    strcpy(l->hostname, "unknown");
+  l->queue_running = pgr_calloc(cfg->nqueues, sizeof *l->queue_running);
+
+  if (pgr_handlers_create(cfg, &handlers, err, sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: %s\n", err);
+    rc = 2;
+    goto out;
+  }
+  l->handlers = handlers;
+  if (cfg->metrics_host &&
+      pgr_metrics_start(cfg->metrics_host, cfg->metrics_port, err,
+                        sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: --metrics-listen: %s\n", err);
+    rc = 2;
+    goto out;
+  }
+
+  PGR_ASSERT(uv_loop_init(&l->loop) == 0);
+  loop_ok = 1;
+  if (pgr_pgconn_init(&l->loop, &l->pg, cfg->db, l->appname, err,
+                      sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: %s\n", err);
+    rc = 2;
+    goto out;
+  }
+  l->pg.data = l;
+  l->pg.on_up = pgr_listener_on_up;
+  l->pg.on_down = pgr_listener_on_down;
+  l->pg.on_notify = pgr_listener_on_notify;
+
+  uv_async_init(&l->loop, &l->done_async, pgr_dispatch_on_done);
+  uv_timer_init(&l->loop, &l->wake_timer);
+  uv_timer_init(&l->loop, &l->poll_timer);
+  uv_timer_init(&l->loop, &l->heartbeat_timer);
+  uv_timer_init(&l->loop, &l->prune_timer);
+  uv_timer_init(&l->loop, &l->watchdog_timer);
+  uv_timer_init(&l->loop, &l->shutdown_timer);
+  uv_signal_init(&l->loop, &l->sigterm);
+  uv_signal_init(&l->loop, &l->sigint);
+  uv_signal_init(&l->loop, &l->sighup);
+  l->sigterm.data = l->sigint.data = l->sighup.data = l;
+  uv_signal_start(&l->sigterm, on_signal, SIGTERM);
+  uv_signal_start(&l->sigint, on_signal, SIGINT);
+  uv_signal_start(&l->sighup, on_signal, SIGHUP);
+
+  PGR_ASSERT(pgr_pool_create(cfg, handlers, l->appname, &l->done_async,
+                             &l->pool) == 0);
+
+  pgr_info("worker starting", PGR_LS("worker", l->appname),
+           PGR_LI("concurrency", cfg->concurrency),
+           PGR_LI("queues", (int64_t)cfg->nqueues),
+           PGR_LS("version", PGR_VERSION));
+  pgr_mark_loop_thread();
+  pgr_pgconn_start(&l->pg);
+  pgr_listener_start_timers(l);
+  uv_run(&l->loop, UV_RUN_DEFAULT);
+  pgr_unmark_loop_thread();
+
+  pgr_pool_destroy(l->pool);
+  l->pool = NULL;
+  rc = l->exit_code;
+  pgr_info("worker stopped", PGR_LI("exit_code", rc));
+out:
+  if (loop_ok) {
+    /* Close whatever is still open (the early error paths). */
+    uv_walk(&l->loop, close_open, NULL);
+    uv_run(&l->loop, UV_RUN_DEFAULT);
+    if (uv_loop_close(&l->loop) != 0)
+      pgr_warn("event loop closed with handles still open");
+  }
+  pgr_metrics_stop();
+  pgr_handlers_destroy(handlers);
+  free(l->queue_running);
+  free(l);
+  return rc;
+}

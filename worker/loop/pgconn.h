@@ -1,0 +1,95 @@
+/*
+ * pgconn.h - one nonblocking PGconn driven by the libuv loop.
+ *
+ * Thread: LOOP THREAD ONLY. Nothing here blocks: the connection is opened
+ * with PQconnectStartParams/PQconnectPoll, host names are resolved with
+ * uv_getaddrinfo (libpq's own lookup would block), and queries go out with
+ * PQsendQueryParams and come back through PQconsumeInput/PQisBusy.
+ *
+ * Commands are queued and sent one at a time; each one's callback gets its
+ * result (an error result included) or NULL when the connection dropped
+ * before it completed. On a drop the connection reconnects by itself with
+ * jittered exponential backoff and calls on_up again.
+ *
+ * Ownership: the struct is owned by the caller and must outlive the close
+ * callback. Parameters passed to pgr_pgconn_query() are copied. The
+ * PGresult handed to a callback is freed after the callback returns.
+ */
+#ifndef PGR_PGCONN_H
+#define PGR_PGCONN_H
+
+#include <stdint.h>
+
+#include <libpq-fe.h>
+#include <uv.h>
+
+#include "common.h"
+#include "conninfo.h"
+
+struct pgr_pgconn;
+struct pgr_pgcmd;
+
+typedef void (*pgr_pgconn_result_cb)(struct pgr_pgconn *c, PGresult *res,
+                                     void *arg);
+typedef void (*pgr_pgconn_event_cb)(struct pgr_pgconn *c);
+typedef void (*pgr_pgconn_down_cb)(struct pgr_pgconn *c, const char *why);
+typedef void (*pgr_pgconn_notify_cb)(struct pgr_pgconn *c, const char *channel,
+                                     const char *payload);
+
+enum pgr_pgconn_state {
+  PGR_PGC_DOWN = 0,  /* waiting to (re)connect */
+  PGR_PGC_RESOLVING, /* uv_getaddrinfo in flight */
+  PGR_PGC_CONNECTING,
+  PGR_PGC_READY,
+  PGR_PGC_CLOSING,
+};
+
+struct pgr_pgpoll; /* a uv_poll_t on the current socket; freed on close */
+
+struct pgr_pgconn {
+  uv_loop_t *loop;
+  char *conninfo; /* for redaction */
+  struct pgr_conninfo ci;
+  int resolve;    /* the host needs a lookup */
+  char *host;
+  PGconn *conn;
+  enum pgr_pgconn_state state;
+  struct pgr_pgpoll *poll;
+  int events;
+  uv_timer_t timer;
+  uv_getaddrinfo_t gai;
+  int gai_active;
+  uint64_t backoff_ms;
+  uint64_t seed;
+  struct pgr_pgcmd *head, *tail;
+  int busy; /* head was sent; its results are coming */
+  PGresult *result;
+  int pending_closes;
+  pgr_pgconn_event_cb close_cb;
+  pgr_pgconn_event_cb on_up;
+  pgr_pgconn_down_cb on_down;
+  pgr_pgconn_notify_cb on_notify;
+  void *data;
+  char last_error[512];
+};
+
+PGR_MUSTCHECK int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c,
+                                  const char *conninfo, const char *appname,
+                                  char *errbuf, size_t errlen);
+void pgr_pgconn_start(struct pgr_pgconn *c);
+/* Queue a query. PGR_ECONN (and no callback) if the connection is not up. */
+PGR_MUSTCHECK int pgr_pgconn_query(struct pgr_pgconn *c, const char *sql,
+                                   int nparams, const char *const *params,
+                                   pgr_pgconn_result_cb cb, void *arg);
+/* Prepare a statement on this connection (again after every reconnect:
+   prepared statements die with their session), and run one. */
+PGR_MUSTCHECK int pgr_pgconn_prepare(struct pgr_pgconn *c, const char *name,
+                                     const char *sql, pgr_pgconn_result_cb cb,
+                                     void *arg);
+PGR_MUSTCHECK int pgr_pgconn_execute(struct pgr_pgconn *c, const char *name,
+                                     int nparams, const char *const *params,
+                                     pgr_pgconn_result_cb cb, void *arg);
+int pgr_pgconn_ready(const struct pgr_pgconn *c);
+void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb);
+
+#endif /* PGR_PGCONN_H */

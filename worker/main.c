@@ -1,0 +1,107 @@
+/*
+ * main.c - argv + environment -> config; start the logger; run the command;
+ * exit code.
+ *
+ * Thread: the main thread. For `work` it becomes the loop thread inside
+ * pgr_loop_run(); the other commands block on the database here, which is
+ * fine: they have no loop.
+ *
+ * Exit codes (SPEC section 5): 0 success or clean shutdown, 1 runtime
+ * failure, 2 bad usage or bad configuration with a one-line reason on stderr.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "config.h"
+#include "log.h"
+#include "loop/loop.h"
+
+static const char *proc_name(enum pgr_command cmd) {
+  switch (cmd) {
+  case PGR_CMD_WORK:
+    return "worker";
+  case PGR_CMD_ADD:
+    return "add";
+  case PGR_CMD_STATUS:
+    return "status";
+  case PGR_CMD_CANCEL:
+    return "cancel";
+  case PGR_CMD_RETRY:
+    return "retry";
+  case PGR_CMD_MIGRATE:
+    return "migrate";
+  default:
+    return "pgrunner";
+  }
+}
+
+int main(int argc, char **argv) {
+  struct pgr_config cfg;
+  char err[1024];
+  int rc;
+
+  /* A peer closing a socket must not kill us; writes report EPIPE. */
+  signal(SIGPIPE, SIG_IGN);
+
+  if (pgr_config_parse(&cfg, argc, argv, err, sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: %s\n", err);
+    pgr_config_free(&cfg);
+    return 2;
+  }
+  if (cfg.command == PGR_CMD_VERSION) {
+    printf("pgrunner %s\n", PGR_VERSION);
+    pgr_config_free(&cfg);
+    return 0;
+  }
+  if (cfg.help) {
+    fputs(pgr_config_usage(cfg.command), stdout);
+    pgr_config_free(&cfg);
+    return 0;
+  }
+
+  struct pgr_log_options lo = {
+      .proc = proc_name(cfg.command),
+      .level = cfg.log_level,
+      .format = cfg.log_format,
+      .dir = cfg.log_dir,
+      .serve = cfg.command == PGR_CMD_WORK,
+  };
+  if (pgr_log_start(&lo) != 0) {
+    fprintf(stderr, "pgrunner: cannot start logging in %s\n",
+            cfg.log_dir ? cfg.log_dir : "stderr");
+    pgr_config_free(&cfg);
+    return 2;
+  }
+
+  switch (cfg.command) {
+  case PGR_CMD_WORK:
+    rc = pgr_loop_run(&cfg);
+    break;
+  case PGR_CMD_MIGRATE:
+    rc = pgr_cmd_migrate(&cfg);
+    break;
+  case PGR_CMD_ADD:
+    rc = pgr_cmd_add(&cfg);
+    break;
+  case PGR_CMD_STATUS:
+    rc = pgr_cmd_status(&cfg);
+    break;
+  case PGR_CMD_CANCEL:
+    rc = pgr_cmd_cancel(&cfg);
+    break;
+  case PGR_CMD_RETRY:
+    rc = pgr_cmd_retry(&cfg);
+    break;
+  default:
+    rc = PGR_EUSAGE;
+    break;
+  }
+  enum pgr_command cmd = cfg.command;
+  pgr_log_stop();
+  pgr_config_free(&cfg);
+  if (cmd == PGR_CMD_WORK)
+    return rc; /* already an exit code */
+  return rc == 0 ? 0 : rc == PGR_EUSAGE ? 2 : 1;
+}

@@ -1,0 +1,28 @@
+/*
+ * metrics.h - counters for /metrics and the state behind /healthz.
+ *
+ * Thread: the update functions are called on the loop thread and take a
+ * mutex for a few instructions; the HTTP server (libmicrohttpd's own
+ * thread) reads under the same mutex. Nothing here does I/O on the caller.
+ */
+#ifndef PGR_METRICS_H
+#define PGR_METRICS_H
+
+#include <stddef.h>
+
+#include "common.h"
+#include "pool.h"
+
+PGR_MUSTCHECK int pgr_metrics_start(const char *host, int port, char *errbuf,
+                                    size_t errlen);
+void pgr_metrics_stop(void);
+
+void pgr_metrics_task_started(const char *queue, const char *kind);
+void pgr_metrics_task_done(const char *queue, const char *kind,
+                           enum pgr_done done, double seconds);
+void pgr_metrics_set_running(int n);
+void pgr_metrics_set_db_up(int up);
+/* The Prometheus text of the current counters (malloc'd); for tests too. */
+char *pgr_metrics_render(void);
+
+#endif /* PGR_METRICS_H */
