@@ -87,6 +87,7 @@
 #define DROP_REPORT_MS 1000
 #define CONN_TIMEOUT_S 5
 #define REC_INITIAL_BYTES 384
+#define POOL_MAX 4096
 #define PROC_MAX 64
 
 /*
@@ -137,6 +138,15 @@ static atomic_int cur_mode = MODE_LOCAL;
 static _Atomic int64_t cur_pid; /* 0: ask getpid() */
 static char cur_proc[PROC_MAX + 1] = "pgrunner";
 
+/*
+ * Blocks of REC_INITIAL_BYTES come back from the writer for reuse, under
+ * their own mutex: a glibc free() from another thread than the malloc()
+ * is slow, and the heap kept growing and trimming under load.
+ */
+static uv_mutex_t pool_mu;
+static struct rec *pool; /* under pool_mu */
+static size_t pool_len;  /* under pool_mu */
+
 static _Atomic uint64_t n_dropped, n_rejected;
 static atomic_int reopen_requested;
 static _Thread_local int on_writer_thread;
@@ -163,6 +173,69 @@ static struct {
 static void init_once(void) {
   PGR_ASSERT(uv_mutex_init(&mu) == 0);
   PGR_ASSERT(uv_cond_init(&room) == 0);
+  PGR_ASSERT(uv_mutex_init(&pool_mu) == 0);
+}
+
+static char *block_get(void) {
+  struct rec *r;
+  uv_mutex_lock(&pool_mu);
+  r = pool;
+  if (r != NULL) {
+    pool = r->next;
+    pool_len--;
+  }
+  uv_mutex_unlock(&pool_mu);
+  return r != NULL ? (char *)r : pgr_malloc(REC_INITIAL_BYTES);
+}
+
+/* rec_free returns usual-sized blocks to the pool (up to POOL_MAX). */
+static void rec_free(struct rec *list) {
+  struct rec *keep = NULL, *drop = NULL;
+  size_t nkeep = 0;
+  while (list != NULL) {
+    struct rec *r = list;
+    list = r->next;
+    if (r->size == REC_INITIAL_BYTES && nkeep < POOL_MAX) {
+      r->next = keep;
+      keep = r;
+      nkeep++;
+    } else {
+      r->next = drop;
+      drop = r;
+    }
+  }
+  uv_mutex_lock(&pool_mu);
+  while (keep != NULL && pool_len < POOL_MAX) {
+    struct rec *r = keep;
+    keep = r->next;
+    r->next = pool;
+    pool = r;
+    pool_len++;
+  }
+  uv_mutex_unlock(&pool_mu);
+  while (keep != NULL) {
+    struct rec *r = keep;
+    keep = r->next;
+    free(r);
+  }
+  while (drop != NULL) {
+    struct rec *r = drop;
+    drop = r->next;
+    free(r);
+  }
+}
+
+static void pool_clear(void) {
+  uv_mutex_lock(&pool_mu);
+  struct rec *list = pool;
+  pool = NULL;
+  pool_len = 0;
+  uv_mutex_unlock(&pool_mu);
+  while (list != NULL) {
+    struct rec *r = list;
+    list = r->next;
+    free(r);
+  }
 }
 
 static enum pgr_level clamp_level(enum pgr_level level) {
@@ -211,7 +284,7 @@ static struct rec *rec_create(enum pgr_level level, const char *msg,
       .fields = fields,
       .nfields = nfields,
   };
-  struct pgr_buf b = {.data = pgr_malloc(REC_INITIAL_BYTES),
+  struct pgr_buf b = {.data = block_get(),
                       .len = sizeof(struct rec),
                       .cap = REC_INITIAL_BYTES};
   b.data[b.len] = '\0';
@@ -393,9 +466,7 @@ static int conn_send(const struct rec *r) {
 
 /* writer_write writes and frees a list of records. */
 static void writer_write(struct rec *list) {
-  while (list != NULL) {
-    struct rec *r = list;
-    list = r->next;
+  for (struct rec *r = list; r != NULL; r = r->next) {
     if (W.conn_fd < 0 || r->wire_len == 0 ||
         r->wire_len > PGR_LOGFMT_WIRE_MAX || conn_send(r) != 0)
       file_add(rec_line(r), r->line_len);
@@ -404,10 +475,10 @@ static void writer_write(struct rec *list) {
       if (W.err_out.len >= FLUSH_BYTES)
         flush_err();
     }
-    free(r);
   }
   flush_file();
   flush_err();
+  rec_free(list);
 }
 
 static void writer_report_drops(void) {
@@ -902,6 +973,7 @@ void pgr_log_stop(void) {
   uv_mutex_unlock(&mu);
 
   uv_thread_join(&W.thread);
+  pool_clear();
   atomic_store(&cur_mode, MODE_LOCAL);
   atomic_store(&cur_pid, 0);
   uv_mutex_lock(&mu);

@@ -25,6 +25,30 @@
 /* 9999-12-31T23:59:59.999Z */
 #define WIRE_MAX_TS INT64_C(253402300799999)
 
+/*
+ * put and put1 append like pgr_buf_add/pgr_buf_addc, copying in place when
+ * the buffer has room: this file appends a few bytes at a time, on the
+ * logging thread's hot path.
+ */
+static inline void put(struct pgr_buf *out, const char *s, size_t n) {
+  if (out->len + n < out->cap) {
+    memcpy(out->data + out->len, s, n);
+    out->len += n;
+    out->data[out->len] = '\0';
+  } else {
+    pgr_buf_add(out, s, n);
+  }
+}
+
+static inline void put1(struct pgr_buf *out, char c) {
+  if (out->len + 1 < out->cap) {
+    out->data[out->len++] = c;
+    out->data[out->len] = '\0';
+  } else {
+    pgr_buf_addc(out, c);
+  }
+}
+
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
 const char *pgr_log_level_name(enum pgr_level level) {
@@ -145,33 +169,33 @@ static void add_text(struct pgr_buf *out, const char *s, size_t n) {
         continue;
       }
     }
-    pgr_buf_add(out, s + run, i - run);
+    put(out, s + run, i - run);
     if (c >= 0x80) {
-      pgr_buf_add(out, "\xEF\xBF\xBD", 3);
+      put(out, "\xEF\xBF\xBD", 3);
     } else if (c == '"' || c == '\\') {
       char e[2] = {'\\', (char)c};
-      pgr_buf_add(out, e, 2);
+      put(out, e, 2);
     } else if (c == '\n') {
-      pgr_buf_add(out, "\\n", 2);
+      put(out, "\\n", 2);
     } else if (c == '\r') {
-      pgr_buf_add(out, "\\r", 2);
+      put(out, "\\r", 2);
     } else if (c == '\t') {
-      pgr_buf_add(out, "\\t", 2);
+      put(out, "\\t", 2);
     } else {
       char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-      pgr_buf_add(out, e, 6);
+      put(out, e, 6);
     }
     i++;
     run = i;
   }
-  pgr_buf_add(out, s + run, n - run);
+  put(out, s + run, n - run);
 }
 
 void pgr_logfmt_json_string(struct pgr_buf *out, const char *s, size_t n) {
-  pgr_buf_addc(out, '"');
+  put1(out, '"');
   if (s != NULL)
     add_text(out, s, n);
-  pgr_buf_addc(out, '"');
+  put1(out, '"');
 }
 
 void pgr_logfmt_value(struct pgr_buf *out, const char *s, size_t n) {
@@ -198,7 +222,7 @@ static void add_int(struct pgr_buf *out, int64_t v) {
   } while (u != 0);
   if (v < 0)
     *--p = '-';
-  pgr_buf_add(out, p, (size_t)(tmp + sizeof(tmp) - p));
+  put(out, p, (size_t)(tmp + sizeof(tmp) - p));
 }
 
 /*
@@ -221,9 +245,17 @@ static int format_double(char buf[32], double d) {
 }
 
 static int reserved_key(const char *k) {
-  return strcmp(k, "ts") == 0 || strcmp(k, "level") == 0 ||
-         strcmp(k, "proc") == 0 || strcmp(k, "pid") == 0 ||
-         strcmp(k, "msg") == 0;
+  switch (k[0]) { /* most keys are over at the first letter */
+  case 't':
+    return strcmp(k, "ts") == 0;
+  case 'l':
+    return strcmp(k, "level") == 0;
+  case 'p':
+    return strcmp(k, "proc") == 0 || strcmp(k, "pid") == 0;
+  case 'm':
+    return strcmp(k, "msg") == 0;
+  }
+  return 0;
 }
 
 static int key_char(unsigned char c) {
@@ -234,28 +266,28 @@ static int key_char(unsigned char c) {
 /* add_key appends k reduced to key characters, so it never needs quoting. */
 static void add_key(struct pgr_buf *out, const char *k) {
   if (k == NULL || k[0] == '\0') {
-    pgr_buf_addc(out, '_');
+    put1(out, '_');
     return;
   }
   if (reserved_key(k))
-    pgr_buf_addc(out, '_');
+    put1(out, '_');
   size_t n = strlen(k), i = 0;
   while (i < n && key_char((unsigned char)k[i]))
     i++;
-  pgr_buf_add(out, k, i);
+  put(out, k, i);
   for (; i < n; i++)
-    pgr_buf_addc(out, key_char((unsigned char)k[i]) ? k[i] : '_');
+    put1(out, key_char((unsigned char)k[i]) ? k[i] : '_');
 }
 
 static void add_str(struct pgr_buf *out, const char *s) {
-  pgr_buf_add(out, s, strlen(s));
+  put(out, s, strlen(s));
 }
 
 static void text_field(struct pgr_buf *out, const struct pgr_log_field *f) {
   char num[32];
-  pgr_buf_addc(out, ' ');
+  put1(out, ' ');
   add_key(out, f->key);
-  pgr_buf_addc(out, '=');
+  put1(out, '=');
   switch (f->type) {
   case PGR_LF_STR:
     if (f->v.s != NULL)
@@ -303,7 +335,7 @@ void pgr_logfmt_record(struct pgr_buf *out, enum pgr_log_format format,
 
   if (format == PGR_LOG_JSON) {
     add_str(out, "{\"ts\":\"");
-    pgr_buf_add(out, ts, PGR_LOGFMT_TS_SIZE - 1);
+    put(out, ts, PGR_LOGFMT_TS_SIZE - 1);
     add_str(out, "\",\"level\":\"");
     add_str(out, pgr_log_level_name(r->level));
     add_str(out, "\",\"proc\":");
@@ -323,7 +355,7 @@ void pgr_logfmt_record(struct pgr_buf *out, enum pgr_log_format format,
   }
 
   add_str(out, "ts=");
-  pgr_buf_add(out, ts, PGR_LOGFMT_TS_SIZE - 1);
+  put(out, ts, PGR_LOGFMT_TS_SIZE - 1);
   add_str(out, " level=");
   add_str(out, pgr_log_level_name(r->level));
   add_str(out, " proc=");
@@ -334,7 +366,7 @@ void pgr_logfmt_record(struct pgr_buf *out, enum pgr_log_format format,
   pgr_logfmt_value(out, msg, strlen(msg));
   for (size_t i = 0; i < r->nfields; i++)
     text_field(out, &r->fields[i]);
-  pgr_buf_addc(out, '\n');
+  put1(out, '\n');
 }
 
 void pgr_logfmt_wire(struct pgr_buf *out, const struct pgr_logfmt_rec *r) {
@@ -355,9 +387,9 @@ void pgr_logfmt_wire(struct pgr_buf *out, const struct pgr_logfmt_rec *r) {
     const char *k = r->fields[i].key != NULL ? r->fields[i].key : "";
     add_str(out, i == 0 ? "[" : ",[");
     pgr_logfmt_json_string(out, k, strlen(k));
-    pgr_buf_addc(out, ',');
+    put1(out, ',');
     json_value(out, &r->fields[i]);
-    pgr_buf_addc(out, ']');
+    put1(out, ']');
   }
   add_str(out, "]}\n");
 }

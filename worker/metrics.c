@@ -399,9 +399,9 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned int status,
   struct MHD_Response *r;
   enum MHD_Result ret;
 
-  r = MHD_create_response_from_buffer(
-      strlen(body), body,
-      must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+  r = MHD_create_response_from_buffer(strlen(body), body,
+                                      must_free ? MHD_RESPMEM_MUST_FREE
+                                                : MHD_RESPMEM_PERSISTENT);
   if (r == NULL) {
     if (must_free)
       free(body);
@@ -528,11 +528,10 @@ out:
   return rc;
 }
 
-int pgr_metrics_start(const char *host, int port, char *errbuf,
-                      size_t errlen) {
+int pgr_metrics_start(const char *host, int port, char *errbuf, size_t errlen) {
   int fd = -1, v6 = 0, rc;
-  unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO |
-                       MHD_USE_ERROR_LOG;
+  unsigned int flags =
+      MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
 
   uv_once(&once, init_once);
   if (daemon_ != NULL) {
@@ -548,9 +547,12 @@ int pgr_metrics_start(const char *host, int port, char *errbuf,
     flags |= MHD_USE_IPv6;
   daemon_ = MHD_start_daemon(
       flags, (uint16_t)port, NULL, NULL, on_request, NULL,
-      MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_CONNECTION_LIMIT,
-      (unsigned int)64, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10,
-      MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL, MHD_OPTION_END);
+      /* First, or libmicrohttpd prints what precedes it itself. */
+      MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
+      (MHD_socket)fd,
+      /* A scraper needs one or two; cap what a misbehaving client can hold. */
+      MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
+      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10, MHD_OPTION_END);
   if (daemon_ == NULL) {
     /*
      * The socket is not closed here: libmicrohttpd 0.9.75 closes a socket
