@@ -64,21 +64,23 @@ static void check_exposition(const char *text) {
   int seen_type = 0;
 
   cr_assert(not(eq(ptr, copy, NULL)));
-  cr_assert(eq(int, regcomp(&sample,
-                            "^([a-zA-Z_:][a-zA-Z0-9_:]*)"
-                            "(\\{([a-zA-Z_][a-zA-Z0-9_]*=\"([^\"\\\\]|"
-                            "\\\\[\\\\\"n])*\",?)*\\})? "
-                            "(-?[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?|"
-                            "\\+Inf|-Inf|NaN)$",
-                            REG_EXTENDED),
+  cr_assert(eq(int,
+               regcomp(&sample,
+                       "^([a-zA-Z_:][a-zA-Z0-9_:]*)"
+                       "(\\{([a-zA-Z_][a-zA-Z0-9_]*=\"([^\"\\\\]|"
+                       "\\\\[\\\\\"n])*\",?)*\\})? "
+                       "(-?[0-9]+(\\.[0-9]+)?([eE][-+]?[0-9]+)?|"
+                       "\\+Inf|-Inf|NaN)$",
+                       REG_EXTENDED),
                0));
-  cr_assert(eq(int, regcomp(&help, "^# HELP [a-zA-Z_:][a-zA-Z0-9_:]* .+$",
-                            REG_EXTENDED),
-               0));
-  cr_assert(eq(int, regcomp(&type,
-                            "^# TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
-                            "(counter|gauge|histogram|summary|untyped)$",
-                            REG_EXTENDED),
+  cr_assert(eq(
+      int, regcomp(&help, "^# HELP [a-zA-Z_:][a-zA-Z0-9_:]* .+$", REG_EXTENDED),
+      0));
+  cr_assert(eq(int,
+               regcomp(&type,
+                       "^# TYPE [a-zA-Z_:][a-zA-Z0-9_:]* "
+                       "(counter|gauge|histogram|summary|untyped)$",
+                       REG_EXTENDED),
                0));
   cr_expect(eq(chr, text[strlen(text) - 1], '\n'),
             "the text should end with a newline");
@@ -95,8 +97,7 @@ static void check_exposition(const char *text) {
       cr_expect(eq(int, regexec(&type, line, 0, NULL, 0), 0),
                 "bad TYPE line: %s", line);
       sscanf(line + 7, "%127s", name);
-      cr_expect(eq(str, name, family), "TYPE %s should follow its HELP",
-                name);
+      cr_expect(eq(str, name, family), "TYPE %s should follow its HELP", name);
       seen_type = 1;
     } else {
       cr_expect(eq(int, regexec(&sample, line, 0, NULL, 0), 0),
@@ -167,8 +168,8 @@ static int http_request(int family, const char *addr, int port,
            "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
            "Content-Length: 0\r\n\r\n",
            method, path);
-  cr_assert(eq(sz, (size_t)send(fd, req, strlen(req), MSG_NOSIGNAL),
-               strlen(req)));
+  cr_assert(
+      eq(sz, (size_t)send(fd, req, strlen(req), MSG_NOSIGNAL), strlen(req)));
   pgr_buf_init(&b);
   while ((n = recv(fd, chunk, sizeof chunk, 0)) > 0)
     pgr_buf_add(&b, chunk, (size_t)n);
@@ -232,7 +233,7 @@ static int start_on_free_port(int family, const char *addr) {
       return port;
     cr_log_info("start on %s:%d failed: %s; retrying", addr, port, err);
   }
-  cr_assert_fail("no free port found");
+  cr_assert(0, "no free port found");
   return -1;
 }
 
@@ -372,16 +373,20 @@ Test(metrics, distinct_label_pairs_are_capped) {
       t, "pgrunner_tasks_started_total{queue=\"default\",kind=\"k999\"} 1"));
   cr_expect(not(has_line(
       t, "pgrunner_tasks_started_total{queue=\"default\",kind=\"k1000\"} 1")));
-  cr_expect(has_line(
-      t, "pgrunner_tasks_started_total{queue=\"default\",kind=\"other\"} 500"),
-            "kinds past the cap should fold into kind=\"other\"");
+  cr_expect(
+      has_line(
+          t,
+          "pgrunner_tasks_started_total{queue=\"default\",kind=\"other\"} 500"),
+      "kinds past the cap should fold into kind=\"other\"");
   cr_expect(has_line(t, "pgrunner_task_duration_seconds_count{queue=\""
                         "default\",kind=\"other\"} 500"));
   cr_expect(has_line(
       t, "pgrunner_tasks_started_total{queue=\"q0\",kind=\"other\"} 1"));
-  cr_expect(has_line(
-      t, "pgrunner_tasks_started_total{queue=\"other\",kind=\"other\"} 437"),
-            "past the second cap everything folds into one series");
+  cr_expect(
+      has_line(
+          t,
+          "pgrunner_tasks_started_total{queue=\"other\",kind=\"other\"} 437"),
+      "past the second cap everything folds into one series");
   cr_expect(le(int, count_prefix(t, "pgrunner_tasks_started_total{"), 1065),
             "the number of series is bounded");
   free(t);
@@ -429,31 +434,27 @@ Test(metrics, http_serves_healthz_and_metrics) {
 
   pgr_metrics_task_started("default", "echo");
 
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/healthz", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 503), "healthz before the database is up");
   cr_expect(eq(str, r.body, "database connection down\n"));
   http_reply_free(&r);
 
   pgr_metrics_set_db_up(1);
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/healthz", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 200), "healthz once the database is up");
   cr_expect(eq(str, r.body, "ok\n"));
   http_reply_free(&r);
 
   pgr_metrics_set_db_up(0);
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/healthz", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 503), "healthz after the connection drops");
   http_reply_free(&r);
 
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/metrics", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/metrics", &r), 0));
   cr_expect(eq(int, r.status, 200));
   cr_expect(not(eq(ptr, strstr(r.head, "text/plain; version=0.0.4"), NULL)),
             "content type: %s", r.head);
@@ -463,24 +464,24 @@ Test(metrics, http_serves_healthz_and_metrics) {
   check_exposition(r.body);
   http_reply_free(&r);
 
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/nothing", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/nothing", &r), 0));
   cr_expect(eq(int, r.status, 404));
   http_reply_free(&r);
 
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "POST",
-                                 "/metrics", &r),
+  cr_assert(eq(int,
+               http_request(AF_INET, "127.0.0.1", port, "POST", "/metrics", &r),
                0));
   cr_expect(eq(int, r.status, 405));
   cr_expect(not(eq(ptr, strstr(r.head, "Allow: GET"), NULL)));
   http_reply_free(&r);
 
   pgr_metrics_stop();
-  cr_expect(not(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                     "/healthz", &r),
-                   0)),
-            "nothing should listen after stop");
+  cr_expect(
+      not(eq(int,
+             http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r),
+             0)),
+      "nothing should listen after stop");
   pgr_metrics_stop(); /* a second stop is harmless */
 }
 
@@ -493,9 +494,8 @@ Test(metrics, http_serves_ipv6_loopback) {
     cr_skip_test("no IPv6 loopback here");
   close(fd);
   port = start_on_free_port(AF_INET6, "::1");
-  cr_assert(eq(int, http_request(AF_INET6, "::1", port, "GET", "/metrics",
-                                 &r),
-               0));
+  cr_assert(
+      eq(int, http_request(AF_INET6, "::1", port, "GET", "/metrics", &r), 0));
   cr_expect(eq(int, r.status, 200));
   http_reply_free(&r);
   pgr_metrics_stop();
@@ -506,9 +506,8 @@ Test(metrics, restart_on_the_same_port_works) {
   struct http_reply r;
   int port = start_on_free_port(AF_INET, "127.0.0.1");
 
-  cr_assert(eq(int, http_request(AF_INET, "127.0.0.1", port, "GET",
-                                 "/healthz", &r),
-               0));
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   http_reply_free(&r);
   pgr_metrics_stop();
   cr_expect(eq(int, pgr_metrics_start("127.0.0.1", port, err, sizeof err), 0),
@@ -525,6 +524,7 @@ Test(metrics, a_port_in_use_fails_cleanly) {
   snprintf(want, sizeof want, "127.0.0.1:%d", port);
   cr_expect(not(eq(ptr, strstr(err, want), NULL)), "message: %s", err);
   cr_expect(not(eq(ptr, strstr(err, "in use"), NULL)), "message: %s", err);
+  cr_log_info("port in use: %s", err);
   pgr_metrics_stop(); /* nothing started: harmless */
 
   /* The failure left nothing behind: once the port is free, start works. */
@@ -540,6 +540,5 @@ Test(metrics, a_bad_address_fails_cleanly) {
   cr_expect(lt(int, pgr_metrics_start("not-an-ip", 9999, err, sizeof err), 0));
   cr_expect(not(eq(ptr, strstr(err, "not-an-ip"), NULL)), "message: %s", err);
   cr_expect(lt(int, pgr_metrics_start("127.0.0.1", 0, err, sizeof err), 0));
-  cr_expect(lt(int, pgr_metrics_start("127.0.0.1", 70000, err, sizeof err),
-               0));
+  cr_expect(lt(int, pgr_metrics_start("127.0.0.1", 70000, err, sizeof err), 0));
 }
