@@ -1,0 +1,58 @@
+/*
+ * example_plugin.c - a C handler plugin, built as a shared object and loaded
+ * by the integration tests with `pgrunner work --plugin PATH`. It shows the
+ * whole API of include/pgrunner.h:
+ *
+ *   c_insert   writes payload->>'v' into plugin_out(v) through the task's own
+ *              transaction (commits with the task's success, or not at all)
+ *   c_retry    writes a row, then asks for a retry (the row must vanish)
+ *   c_fail     fails for good with a message
+ *
+ * Thread: handlers run on pgrunner's worker threads and may block.
+ */
+#include <string.h>
+
+#include "pgrunner.h"
+
+static enum pgr_outcome insert_row(struct pgr_job *job) {
+  const char *params[1] = {job->task->payload};
+  PGresult *res = PQexecParams(job->conn,
+                               "INSERT INTO plugin_out (v, task) "
+                               "SELECT $1::jsonb->>'v', 0",
+                               1, NULL, params, NULL, NULL, 0);
+  int ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+  if (!ok)
+    job->fail(job, PQresultErrorMessage(res));
+  PQclear(res);
+  return ok ? PGR_SUCCESS : PGR_RETRY;
+}
+
+static enum pgr_outcome c_insert(struct pgr_job *job, void *arg) {
+  (void)arg;
+  job->log(job, PGR_LEVEL_INFO, "plugin inserting");
+  return insert_row(job);
+}
+
+static enum pgr_outcome c_retry(struct pgr_job *job, void *arg) {
+  (void)arg;
+  if (insert_row(job) != PGR_SUCCESS)
+    return PGR_RETRY;
+  job->fail(job, "plugin asked for a retry");
+  return PGR_RETRY;
+}
+
+static enum pgr_outcome c_fail(struct pgr_job *job, void *arg) {
+  (void)arg;
+  job->fail(job, "plugin refused: permanent");
+  return PGR_PERMANENT;
+}
+
+int pgr_plugin_init(struct pgr_registry *reg) {
+  if (reg->api_version != PGR_API_VERSION)
+    return -1;
+  if (reg->add(reg, "c_insert", c_insert, NULL) != 0 ||
+      reg->add(reg, "c_retry", c_retry, NULL) != 0 ||
+      reg->add(reg, "c_fail", c_fail, NULL) != 0)
+    return -1;
+  return 0;
+}
