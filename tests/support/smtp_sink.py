@@ -15,8 +15,8 @@ with that code, --data-code 554 every DATA, --mail-code 451 every MAIL;
 it); --auth-user/--auth-password offer AUTH PLAIN and LOGIN, and refuse MAIL
 before a successful login; --hang accepts connections and never says a word
 (a hung server). Once listening it writes --ready-file. It exits on SIGTERM
-or SIGINT, and on its own when the process that started it (--parent-pid)
-is gone, so a crashed test run leaves no server behind.
+or SIGINT, and on its own when its parent, the process that started it
+(--parent-pid), is gone, so a crashed test run leaves no server behind.
 """
 
 import argparse
@@ -166,11 +166,12 @@ async def main(args):
                                           reuse_address=True)
 
     async def watch_parent():
+        # The starter is our parent; once it is gone we are re-parented
+        # (a dead parent may linger as a zombie, so kill(pid, 0) would not
+        # tell).
         while args.parent_pid:
             await asyncio.sleep(0.5)
-            try:
-                os.kill(args.parent_pid, 0)
-            except ProcessLookupError:
+            if os.getppid() != args.parent_pid:
                 if not stop.done():
                     stop.set_result(0)
                 return

@@ -1,7 +1,8 @@
 /*
  * test_email.c - the `email` message builder (worker/jobs/email_msg.c):
- * payload validation, RFC 2047 / RFC 2045 encoding, header assembly. No
- * network: the SMTP session itself is tested by
+ * payload validation, RFC 2047 / RFC 2045 encoding, header assembly; and
+ * the handler's outcomes that need no server (a bad payload, a refused
+ * connection to localhost). The SMTP session itself is tested by
  * tests/integration/test_email.py against a real server.
  */
 #include <criterion/criterion.h>
@@ -11,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "config.h"
+#include "jobs/email.h"
 #include "jobs/email_msg.h"
 
 static struct pgr_email_opts opts(void) {
@@ -173,9 +176,9 @@ static char *qp_decode(const char *s, size_t n) {
 /* ---- addresses --------------------------------------------------------- */
 
 Test(email_addr, accepts_ordinary_addresses) {
-  const char *good[] = {"a@example.com", "first.last@example.co.uk",
+  const char *good[] = {"a@example.com",         "first.last@example.co.uk",
                         "x+tag@sub.example.org", "o'neil@example.ie",
-                        "user@localhost", "user@[192.0.2.1]",
+                        "user@localhost",        "user@[192.0.2.1]",
                         "a_b-c@x-y.example"};
   for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
     cr_expect(pgr_email_valid_addr(good[i]), "%s should be valid", good[i]);
@@ -212,7 +215,8 @@ Test(email_addr, refuses_overlong_parts) {
   memset(local, 'a', 65);
   local[65] = '\0';
   snprintf(addr, sizeof addr, "%s@example.com", local);
-  cr_expect(zero(int, pgr_email_valid_addr(addr)), "a 65-octet local part is too long");
+  cr_expect(zero(int, pgr_email_valid_addr(addr)),
+            "a 65-octet local part is too long");
   local[64] = '\0';
   snprintf(addr, sizeof addr, "%s@example.com", local);
   cr_expect(pgr_email_valid_addr(addr), "64 octets are allowed");
@@ -221,42 +225,49 @@ Test(email_addr, refuses_overlong_parts) {
 Test(email_addr, parses_mailbox_forms) {
   char *name, *addr, err[256];
 
-  cr_assert(eq(int, pgr_email_parse_mailbox("a@example.com", &name, &addr,
-                                            err, sizeof err), 0));
+  cr_assert(eq(
+      int,
+      pgr_email_parse_mailbox("a@example.com", &name, &addr, err, sizeof err),
+      0));
   cr_expect(name == NULL);
   cr_expect(eq(str, addr, "a@example.com"));
   free(addr);
 
-  cr_assert(eq(int, pgr_email_parse_mailbox("  Ann Smith  <ann@example.com> ",
-                                            &name, &addr, err, sizeof err),
+  cr_assert(eq(int,
+               pgr_email_parse_mailbox("  Ann Smith  <ann@example.com> ", &name,
+                                       &addr, err, sizeof err),
                0));
   cr_expect(eq(str, name, "Ann Smith"));
   cr_expect(eq(str, addr, "ann@example.com"));
   free(name);
   free(addr);
 
-  cr_assert(eq(int, pgr_email_parse_mailbox("\"Doe, \\\"J\\\"\" <j@example.com>",
-                                            &name, &addr, err, sizeof err),
+  cr_assert(eq(int,
+               pgr_email_parse_mailbox("\"Doe, \\\"J\\\"\" <j@example.com>",
+                                       &name, &addr, err, sizeof err),
                0));
   cr_expect(eq(str, name, "Doe, \"J\""));
   free(name);
   free(addr);
 
-  cr_assert(eq(int, pgr_email_parse_mailbox("<b@example.com>", &name, &addr,
-                                            err, sizeof err), 0));
+  cr_assert(eq(
+      int,
+      pgr_email_parse_mailbox("<b@example.com>", &name, &addr, err, sizeof err),
+      0));
   cr_expect(name == NULL, "an empty display name is no name");
   free(addr);
 }
 
 Test(email_addr, refuses_malformed_mailboxes) {
-  const char *badv[] = {"Ann <ann@example.com", "Ann ann@example.com>",
-                        "\"Ann <ann@example.com>", "Ann <>",
+  const char *badv[] = {"Ann <ann@example.com",         "Ann ann@example.com>",
+                        "\"Ann <ann@example.com>",      "Ann <>",
                         "a@example.com, b@example.com", "Ann <a@b> x"};
   char *name, *addr, err[256];
   for (size_t i = 0; i < sizeof badv / sizeof badv[0]; i++) {
-    cr_expect(eq(int, pgr_email_parse_mailbox(badv[i], &name, &addr, err,
-                                              sizeof err), PGR_EINVAL),
-              "%s should be refused", badv[i]);
+    cr_expect(
+        eq(int, pgr_email_parse_mailbox(badv[i], &name, &addr, err, sizeof err),
+           PGR_EINVAL),
+        "%s should be refused", badv[i]);
     cr_expect(name == NULL && addr == NULL, "nothing is returned on failure");
     cr_expect(strstr(err, "not a valid email address") != NULL, "%s", err);
   }
@@ -264,13 +275,15 @@ Test(email_addr, refuses_malformed_mailboxes) {
 
 Test(email_addr, says_cr_lf_in_a_mailbox) {
   char *name, *addr, err[256];
-  cr_expect(eq(int, pgr_email_parse_mailbox("Ann\r\nBcc: x@y <a@example.com>",
-                                            &name, &addr, err, sizeof err),
+  cr_expect(eq(int,
+               pgr_email_parse_mailbox("Ann\r\nBcc: x@y <a@example.com>", &name,
+                                       &addr, err, sizeof err),
                PGR_EINVAL));
   cr_expect(strstr(err, "CR or LF") != NULL, "%s", err);
 }
 
-/* ---- encodings ------------------------------------------------------------- */
+/* ---- encodings -------------------------------------------------------------
+ */
 
 Test(email_encode, leaves_short_ascii_headers_alone) {
   struct pgr_buf b = {NULL, 0, 0};
@@ -281,7 +294,9 @@ Test(email_encode, leaves_short_ascii_headers_alone) {
 
 Test(email_encode, encodes_utf8_as_rfc2047_b_words) {
   struct pgr_buf b = {NULL, 0, 0};
-  pgr_email_header(&b, "Subject", "Gr\xc3\xbc\xc3\x9f" "e");
+  pgr_email_header(&b, "Subject",
+                   "Gr\xc3\xbc\xc3\x9f"
+                   "e");
   /* base64("Grüße") = R3LDvMOfZQ== */
   cr_expect(eq(str, b.data, "Subject: =?UTF-8?B?R3LDvMOfZQ==?=\r\n"));
   pgr_buf_free(&b);
@@ -387,16 +402,19 @@ Test(email_encode, formats_rfc5322_dates_in_utc) {
 Test(email_build, builds_a_plain_message) {
   struct pgr_email m;
   char err[512], *v;
-  cr_assert(eq(int, build("{\"to\": \"Ann <ann@example.com>\", \"subject\": "
-                          "\"Hi\", \"text\": \"Hello Ann.\\nBye.\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": \"Ann <ann@example.com>\", \"subject\": "
+                     "\"Hi\", \"text\": \"Hello Ann.\\nBye.\"}",
+                     &m, err, sizeof err),
+               0),
+            "%s", err);
   check_lines(&m);
   cr_expect(eq(str, m.from, "worker@example.org"),
             "the default sender is the envelope sender");
   cr_assert(eq(sz, m.nrcpts, 1));
   cr_expect(eq(str, m.rcpts[0], "ann@example.com"));
-  cr_expect(eq(str, (v = header_value(&m, "From")),
-               " Worker <worker@example.org>"));
+  cr_expect(
+      eq(str, (v = header_value(&m, "From")), " Worker <worker@example.org>"));
   free(v);
   cr_expect(eq(str, (v = header_value(&m, "To")), " Ann <ann@example.com>"));
   free(v);
@@ -410,8 +428,8 @@ Test(email_build, builds_a_plain_message) {
   cr_expect(eq(str, (v = header_value(&m, "Content-Type")),
                " text/plain; charset=UTF-8"));
   free(v);
-  cr_expect(eq(str, (v = header_value(&m, "Content-Transfer-Encoding")),
-               " 7bit"));
+  cr_expect(
+      eq(str, (v = header_value(&m, "Content-Transfer-Encoding")), " 7bit"));
   free(v);
   cr_expect(strstr(m.data.data, "\r\n\r\nHello Ann.\r\nBye.\r\n") != NULL,
             "LF line breaks become CRLF");
@@ -446,11 +464,14 @@ Test(email_build, derives_the_message_id_from_the_task_id) {
 Test(email_build, puts_bcc_in_the_envelope_only) {
   struct pgr_email m;
   char err[512], *v;
-  cr_assert(eq(int, build("{\"to\": [\"a@example.com\", \"b@example.com\"], "
-                          "\"cc\": \"c@example.com\", \"bcc\": "
-                          "[\"secret@example.com\", \"A@example.com\"], "
-                          "\"text\": \"x\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": [\"a@example.com\", \"b@example.com\"], "
+                     "\"cc\": \"c@example.com\", \"bcc\": "
+                     "[\"secret@example.com\", \"A@example.com\"], "
+                     "\"text\": \"x\"}",
+                     &m, err, sizeof err),
+               0),
+            "%s", err);
   cr_assert(eq(sz, m.nrcpts, 4), "to, cc and bcc, the duplicate once");
   cr_expect(eq(str, m.rcpts[0], "a@example.com"));
   cr_expect(eq(str, m.rcpts[1], "b@example.com"));
@@ -459,8 +480,8 @@ Test(email_build, puts_bcc_in_the_envelope_only) {
   cr_expect(strstr(m.data.data, "secret") == NULL,
             "a Bcc address appears nowhere in the message");
   cr_expect(strcasestr(m.data.data, "\nBcc:") == NULL, "no Bcc header");
-  cr_expect(eq(str, (v = header_value(&m, "To")),
-               " a@example.com, b@example.com"));
+  cr_expect(
+      eq(str, (v = header_value(&m, "To")), " a@example.com, b@example.com"));
   free(v);
   cr_expect(eq(str, (v = header_value(&m, "Cc")), " c@example.com"));
   free(v);
@@ -470,8 +491,11 @@ Test(email_build, puts_bcc_in_the_envelope_only) {
 Test(email_build, bcc_only_gets_undisclosed_recipients) {
   struct pgr_email m;
   char err[512], *v;
-  cr_assert(eq(int, build("{\"bcc\": \"s@example.com\", \"text\": \"x\"}", &m,
-                          err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"bcc\": \"s@example.com\", \"text\": \"x\"}", &m, err,
+                     sizeof err),
+               0),
+            "%s", err);
   cr_expect(eq(str, (v = header_value(&m, "To")), " undisclosed-recipients:;"));
   free(v);
   pgr_email_free(&m);
@@ -480,19 +504,21 @@ Test(email_build, bcc_only_gets_undisclosed_recipients) {
 Test(email_build, builds_multipart_alternative_for_html) {
   struct pgr_email m;
   char err[512], *ct, delim[128], *b1, *b2, *end;
-  cr_assert(eq(int, build("{\"to\": \"a@example.com\", \"text\": \"plain\", "
-                          "\"html\": \"<p>caf\\u00e9</p>\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": \"a@example.com\", \"text\": \"plain\", "
+                     "\"html\": \"<p>caf\\u00e9</p>\"}",
+                     &m, err, sizeof err),
+               0),
+            "%s", err);
   check_lines(&m);
   ct = header_value(&m, "Content-Type");
-  cr_assert(strncmp(ct, " multipart/alternative; boundary=\"", 34) == 0,
-            "%s", ct);
+  cr_assert(strncmp(ct, " multipart/alternative; boundary=\"", 34) == 0, "%s",
+            ct);
   snprintf(delim, sizeof delim, "\r\n--%.*s", (int)(strlen(ct) - 35), ct + 34);
   b1 = strstr(m.data.data, delim);
   cr_assert(b1 != NULL, "the first part starts with the boundary");
   cr_expect(strncmp(b1 + strlen(delim),
-                    "\r\nContent-Type: text/plain; charset=UTF-8\r\n", 43) ==
-                0,
+                    "\r\nContent-Type: text/plain; charset=UTF-8\r\n", 43) == 0,
             "the plain part comes first");
   b2 = strstr(b1 + 1, delim);
   cr_assert(b2 != NULL);
@@ -513,8 +539,11 @@ Test(email_build, builds_multipart_alternative_for_html) {
 Test(email_build, html_alone_is_a_single_html_part) {
   struct pgr_email m;
   char err[512], *v;
-  cr_assert(eq(int, build("{\"to\": \"a@example.com\", \"html\": \"<b>x</b>\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": \"a@example.com\", \"html\": \"<b>x</b>\"}", &m,
+                     err, sizeof err),
+               0),
+            "%s", err);
   cr_expect(eq(str, (v = header_value(&m, "Content-Type")),
                " text/html; charset=UTF-8"));
   free(v);
@@ -525,19 +554,25 @@ Test(email_build, chooses_body_encodings) {
   struct pgr_email m;
   char err[512], *v, payload[8192];
 
-  cr_assert(eq(int, build("{\"to\": \"a@example.com\", \"text\": "
-                          "\"Gr\\u00fc\\u00dfe aus K\\u00f6ln\"}",
-                          &m, err, sizeof err), 0));
+  cr_assert(eq(int,
+               build("{\"to\": \"a@example.com\", \"text\": "
+                     "\"Gr\\u00fc\\u00dfe aus K\\u00f6ln\"}",
+                     &m, err, sizeof err),
+               0));
   cr_expect(eq(str, (v = header_value(&m, "Content-Transfer-Encoding")),
-               " quoted-printable"), "mostly ASCII: quoted-printable");
+               " quoted-printable"),
+            "mostly ASCII: quoted-printable");
   free(v);
   pgr_email_free(&m);
 
-  cr_assert(eq(int, build("{\"to\": \"a@example.com\", \"text\": "
-                          "\"\\u65e5\\u672c\\u8a9e\\u306e\\u6587\"}",
-                          &m, err, sizeof err), 0));
-  cr_expect(eq(str, (v = header_value(&m, "Content-Transfer-Encoding")),
-               " base64"), "mostly non-ASCII: base64");
+  cr_assert(eq(int,
+               build("{\"to\": \"a@example.com\", \"text\": "
+                     "\"\\u65e5\\u672c\\u8a9e\\u306e\\u6587\"}",
+                     &m, err, sizeof err),
+               0));
+  cr_expect(
+      eq(str, (v = header_value(&m, "Content-Transfer-Encoding")), " base64"),
+      "mostly non-ASCII: base64");
   free(v);
   check_lines(&m);
   pgr_email_free(&m);
@@ -549,7 +584,8 @@ Test(email_build, chooses_body_encodings) {
   strcat(payload, "\"}");
   cr_assert(eq(int, build(payload, &m, err, sizeof err), 0));
   cr_expect(eq(str, (v = header_value(&m, "Content-Transfer-Encoding")),
-               " quoted-printable"), "a long line: quoted-printable");
+               " quoted-printable"),
+            "a long line: quoted-printable");
   free(v);
   check_lines(&m);
   pgr_email_free(&m);
@@ -558,11 +594,14 @@ Test(email_build, chooses_body_encodings) {
 Test(email_build, encodes_utf8_subjects_and_display_names) {
   struct pgr_email m;
   char err[512], *v, *dec;
-  cr_assert(eq(int, build("{\"to\": \"J\\u00fcrgen M\\u00fcller "
-                          "<jm@example.com>\", \"from\": {\"email\": "
-                          "\"s@example.com\", \"name\": \"Doe, Jane\"}, "
-                          "\"subject\": \"Caf\\u00e9 \\u2615\", \"text\": \"x\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": \"J\\u00fcrgen M\\u00fcller "
+                     "<jm@example.com>\", \"from\": {\"email\": "
+                     "\"s@example.com\", \"name\": \"Doe, Jane\"}, "
+                     "\"subject\": \"Caf\\u00e9 \\u2615\", \"text\": \"x\"}",
+                     &m, err, sizeof err),
+               0),
+            "%s", err);
   check_lines(&m);
   v = header_value(&m, "Subject");
   dec = decode_words(v);
@@ -582,12 +621,15 @@ Test(email_build, encodes_utf8_subjects_and_display_names) {
 Test(email_build, adds_custom_headers_and_reply_to) {
   struct pgr_email m;
   char err[512], *v;
-  cr_assert(eq(int, build("{\"to\": \"a@example.com\", \"reply_to\": "
-                          "[\"r1@example.com\", \"r2@example.com\"], "
-                          "\"headers\": {\"X-Campaign\": \"autumn 2025\", "
-                          "\"List-Unsubscribe\": \"<mailto:u@example.com>\"},"
-                          " \"text\": \"x\"}",
-                          &m, err, sizeof err), 0), "%s", err);
+  cr_assert(eq(int,
+               build("{\"to\": \"a@example.com\", \"reply_to\": "
+                     "[\"r1@example.com\", \"r2@example.com\"], "
+                     "\"headers\": {\"X-Campaign\": \"autumn 2025\", "
+                     "\"List-Unsubscribe\": \"<mailto:u@example.com>\"},"
+                     " \"text\": \"x\"}",
+                     &m, err, sizeof err),
+               0),
+            "%s", err);
   cr_expect(eq(str, (v = header_value(&m, "X-Campaign")), " autumn 2025"));
   free(v);
   cr_expect(eq(str, (v = header_value(&m, "List-Unsubscribe")),
@@ -694,12 +736,16 @@ Test(email_refuse, no_sender) {
   struct pgr_email_opts o = opts();
   char err[512];
   o.default_from = NULL;
-  cr_expect(eq(int, pgr_email_build("{\"to\": \"a@example.com\"}", &o, &m, err,
-                                    sizeof err), PGR_EINVAL));
+  cr_expect(eq(
+      int,
+      pgr_email_build("{\"to\": \"a@example.com\"}", &o, &m, err, sizeof err),
+      PGR_EINVAL));
   cr_expect(strstr(err, "no sender") != NULL, "%s", err);
   o.default_from = "broken";
-  cr_expect(eq(int, pgr_email_build("{\"to\": \"a@example.com\"}", &o, &m, err,
-                                    sizeof err), PGR_EINVAL));
+  cr_expect(eq(
+      int,
+      pgr_email_build("{\"to\": \"a@example.com\"}", &o, &m, err, sizeof err),
+      PGR_EINVAL));
   cr_expect(strstr(err, "PGRUNNER_MAIL_FROM") != NULL, "%s", err);
 }
 
@@ -709,14 +755,76 @@ Test(email_refuse, error_messages_are_printable) {
   cr_expect(eq(int, build("{\"to\": \"\\u00e9\\u0001x\"}", &m, err, sizeof err),
                PGR_EINVAL));
   for (const char *p = err; *p != '\0'; p++)
-    cr_expect(p[0] >= 32 && p[0] < 127,
-              "only printable ASCII in %s", err);
+    cr_expect(p[0] >= 32 && p[0] < 127, "only printable ASCII in %s", err);
 }
 
 Test(email_refuse, unknown_keys_are_ignored) {
   struct pgr_email m;
   char err[512];
-  cr_expect(eq(int, build("{\"to\": \"a@example.com\", \"priority\": 3}", &m,
-                          err, sizeof err), 0), "%s", err);
+  cr_expect(eq(int,
+               build("{\"to\": \"a@example.com\", \"priority\": 3}", &m, err,
+                     sizeof err),
+               0),
+            "%s", err);
   pgr_email_free(&m);
+}
+
+/* ---- the handler, without a server ------------------------------------- */
+
+struct fake_job {
+  struct pgr_job job;
+  struct pgr_task task;
+  char failed[1024];
+  int nfail;
+};
+
+static void fake_log(struct pgr_job *job, enum pgr_level level,
+                     const char *msg) {
+  (void)job;
+  (void)level;
+  (void)msg;
+}
+
+static void fake_fail(struct pgr_job *job, const char *msg) {
+  struct fake_job *f = pgr_container_of(job, struct fake_job, job);
+  snprintf(f->failed, sizeof f->failed, "%s", msg);
+  f->nfail++;
+}
+
+static enum pgr_outcome run_handler(struct fake_job *f, const char *payload) {
+  /* Port 1 of localhost refuses connections: had the handler tried to
+   * send, the outcome would be PGR_RETRY, not PGR_PERMANENT. */
+  struct pgr_smtp_config cfg = {.host = "127.0.0.1",
+                                .port = 1,
+                                .mail_from = "w@example.org",
+                                .message_id_domain = "example.org",
+                                .timeout_s = 1};
+  memset(f, 0, sizeof *f);
+  f->task.id = 5;
+  f->task.kind = "email";
+  f->task.queue = "default";
+  f->task.payload = payload;
+  f->task.attempt = 1;
+  f->task.max_attempts = 5;
+  f->job.task = &f->task;
+  f->job.log = fake_log;
+  f->job.fail = fake_fail;
+  return pgr_email_handler(&f->job, &cfg);
+}
+
+Test(email_handler, fails_a_bad_payload_for_good_without_connecting) {
+  struct fake_job f;
+  cr_expect(eq(int,
+               run_handler(&f, "{\"to\": \"a@example.com\", \"subject\": "
+                               "\"x\\r\\nBcc: b@example.com\"}"),
+               PGR_PERMANENT));
+  cr_expect(eq(int, f.nfail, 1), "the reason is recorded once");
+  cr_expect(eq(str, f.failed,
+               "invalid email payload: \"subject\" contains CR or LF"));
+}
+
+Test(email_handler, retries_when_the_server_is_unreachable) {
+  struct fake_job f;
+  cr_expect(eq(int, run_handler(&f, "{\"to\": \"a@example.com\"}"), PGR_RETRY));
+  cr_expect(strstr(f.failed, "Connection refused") != NULL, "%s", f.failed);
 }

@@ -5,7 +5,8 @@
  *
  * Thread: worker threads only (PGR_ASSERT_OFF_LOOP). libESMTP is
  * thread-safe per session (its errno is per-thread, its SASL plugin list is
- * behind a mutex); each call makes its own session and frees it.
+ * behind a mutex); each call makes its own session and frees it. Each worker
+ * thread keeps one OpenSSL context for STARTTLS (see thread_tls_ctx()).
  *
  * Ownership: everything here lives for one call. The session's auth
  * context is ours to free after the session (smtp_destroy_session() leaves
@@ -28,10 +29,12 @@
 #include <time.h>
 #include <unistd.h>
 
-/* Both before libesmtp.h: it declares smtp_auth_set_context() only after
- * auth-client.h, and smtp_starttls_set_ctx() only after <openssl/ssl.h>. */
+/* Both before libesmtp.h (a block of its own, so include sorting keeps the
+ * order): it declares smtp_auth_set_context() only after auth-client.h, and
+ * smtp_starttls_set_ctx() only after <openssl/ssl.h>. */
 #include <auth-client.h>
 #include <openssl/ssl.h>
+
 #include <libesmtp.h>
 
 #include "common.h"
@@ -80,27 +83,6 @@ static void note(struct session *ss, const char *fmt, ...) {
   va_end(ap);
 }
 
-/* The X509_V_ERR_* values of <openssl/x509_vfy.h>, a stable ABI, spelled
- * out so this file needs no OpenSSL headers. */
-static const char *verify_text(long r) {
-  switch (r) {
-  case 9:
-    return "certificate not yet valid";
-  case 10:
-    return "certificate expired";
-  case 18:
-    return "self-signed certificate";
-  case 19:
-    return "self-signed certificate in the chain";
-  case 20:
-    return "issuer certificate not found among the trusted CAs";
-  case 21:
-    return "unable to verify the first certificate";
-  default:
-    return "certificate verification failed";
-  }
-}
-
 /*
  * on_event is libESMTP's event callback. The varargs of each event are
  * those documented in libesmtp.h and passed in smtp-tls.c / protocol.c.
@@ -127,7 +109,7 @@ static void on_event(smtp_session_t s, int ev, void *arg, ...) {
       *ok = 1;
     else
       note(ss, "the server's TLS certificate is not trusted (%s)",
-           verify_text(r));
+           X509_verify_cert_error_string(r));
     break;
   }
   case SMTP_EV_NO_PEER_CERTIFICATE:
@@ -147,8 +129,9 @@ static void on_event(smtp_session_t s, int ev, void *arg, ...) {
       break;
     }
     printable(name, sizeof name, n ? n : "", n ? strlen(n) : 0);
-    note(ss, "the server's TLS certificate does not name the host "
-             "(it names \"%s\")",
+    note(ss,
+         "the server's TLS certificate does not name the host "
+         "(it names \"%s\")",
          name);
     break;
   }
@@ -157,15 +140,12 @@ static void on_event(smtp_session_t s, int ev, void *arg, ...) {
     (void)va_arg(ap, int *);
     note(ss, "the negotiated TLS cipher is too weak");
     break;
-  case SMTP_EV_UNUSABLE_CA_LIST:
-    if (require)
-      note(ss, "libESMTP's CA file or directory is unusable (it must belong "
-               "to the worker's user, without group or other access)");
-    break;
   case SMTP_EV_UNUSABLE_CLIENT_CERTIFICATE:
   case SMTP_EV_NO_CLIENT_CERTIFICATE:
-    if (require)
-      note(ss, "libESMTP's client certificate is unusable");
+    /* libESMTP looks for a client certificate for the host under
+     * ~/.config/libesmtp/private/ even with our context; one it found and
+     * could not use ends the session. */
+    note(ss, "libESMTP's client certificate for this host is unusable");
     break;
   case SMTP_EV_EXTNA_STARTTLS:
     note(ss, "the server does not offer STARTTLS, and "
@@ -188,7 +168,6 @@ static void on_monitor(const char *buf, int len, int writing, void *arg) {
   if (writing != SMTP_CB_READING)
     return;
   for (int i = 0; i < len; i++) {
-    char *dst;
     if (buf[i] != '\n') {
       if (ss->line_len + 1 < sizeof ss->line)
         ss->line[ss->line_len++] = buf[i];
@@ -198,8 +177,7 @@ static void on_monitor(const char *buf, int len, int writing, void *arg) {
     if (ss->auth_asked && strncmp(ss->line, "235", 3) == 0)
       ss->authenticated = 1;
     if (ss->line[0] == '4' || ss->line[0] == '5') {
-      dst = ss->failure;
-      printable(dst, sizeof ss->failure, ss->line, ss->line_len);
+      printable(ss->failure, sizeof ss->failure, ss->line, ss->line_len);
       if (ss->auth_asked && !ss->authenticated && ss->auth_failure[0] == '\0')
         memcpy(ss->auth_failure, ss->failure, sizeof ss->auth_failure);
     }
@@ -255,8 +233,8 @@ static void status_text(char *dst, size_t n, const smtp_status_t *st) {
   const char *t = st->text != NULL ? st->text : "";
   printable(text, sizeof text, t, strlen(t));
   if (st->enh_class > 0)
-    snprintf(dst, n, "%d %d.%d.%d %s", st->code, st->enh_class,
-             st->enh_subject, st->enh_detail, text);
+    snprintf(dst, n, "%d %d.%d.%d %s", st->code, st->enh_class, st->enh_subject,
+             st->enh_detail, text);
   else
     snprintf(dst, n, "%d %s", st->code, text);
 }
@@ -285,8 +263,9 @@ static void on_recipient(smtp_recipient_t r, const char *mailbox, void *arg) {
 
 static const char *errno_text(int e, char *buf, size_t n, int timeout_s) {
   if (e == SMTP_ERR_DROPPED_CONNECTION) {
-    snprintf(buf, n, "the server closed the connection or did not answer "
-             "within %d s", timeout_s);
+    snprintf(buf, n,
+             "the server closed the connection or did not answer within %d s",
+             timeout_s);
     return buf;
   }
   /* With GNU strerror_r the text may not be in buf: use what it returns. */
@@ -322,8 +301,10 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
     return PGR_RETRY;
   }
   if (ss->auth_failure[0] != '\0' && !ss->authenticated) {
+    char user[96];
+    printable(user, sizeof user, ss->cfg->user, strlen(ss->cfg->user));
     snprintf(err, errlen, "SMTP: %s refused the login of user \"%s\": %s",
-             ss->server, ss->cfg->user, ss->auth_failure);
+             ss->server, user, ss->auth_failure);
     return PGR_RETRY;
   }
   if (ss->cfg->user != NULL && *ss->cfg->user != '\0' && !ss->auth_asked)
@@ -332,14 +313,15 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
   if (rp == NULL || rp->code == 0) {
     if (ss->cfg->starttls != PGR_STARTTLS_NO && !ss->tls_up &&
         e == SMTP_ERR_CLIENT_ERROR)
-      snprintf(err, errlen, "SMTP: STARTTLS with %s failed: TLS handshake "
-               "failed", ss->server);
+      snprintf(err, errlen,
+               "SMTP: STARTTLS with %s failed: TLS handshake failed",
+               ss->server);
     else if (ss->failure[0] != '\0')
-      snprintf(err, errlen, "SMTP: %s ended the session before MAIL FROM: "
-               "%s", ss->server, ss->failure);
+      snprintf(err, errlen, "SMTP: %s ended the session before MAIL FROM: %s",
+               ss->server, ss->failure);
     else
-      snprintf(err, errlen, "SMTP: session with %s ended before MAIL FROM: "
-               "%s", ss->server, errno_text(e, et, sizeof et, timeout_s));
+      snprintf(err, errlen, "SMTP: session with %s ended before MAIL FROM: %s",
+               ss->server, errno_text(e, et, sizeof et, timeout_s));
     return PGR_RETRY;
   }
   if (rp->code >= 400) {
@@ -354,8 +336,8 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
     char more[48] = "";
     if (rs.nperm > 1)
       snprintf(more, sizeof more, " (and %d more)", rs.nperm - 1);
-    snprintf(err, errlen, "SMTP: %s rejected recipient <%s>%s: %s",
-             ss->server, rs.perm_addr, more, rs.perm);
+    snprintf(err, errlen, "SMTP: %s rejected recipient <%s>%s: %s", ss->server,
+             rs.perm_addr, more, rs.perm);
     return PGR_PERMANENT;
   }
   if (rs.temp_addr != NULL) {
@@ -369,16 +351,17 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
              mst->code >= 500 ? "rejected" : "deferred", st);
     return mst->code >= 500 ? PGR_PERMANENT : PGR_RETRY;
   }
-  snprintf(err, errlen, "SMTP: session with %s ended before the message was "
-           "accepted: %s", ss->server,
+  snprintf(err, errlen,
+           "SMTP: session with %s ended before the message was accepted: %s",
+           ss->server,
            ss->failure[0] ? ss->failure
                           : errno_text(e, et, sizeof et, timeout_s));
   return PGR_RETRY;
 }
 
 /*
- * The TLS context every STARTTLS session shares (an SSL_CTX is safe to use
- * from many threads once set up; libESMTP takes a reference per session).
+ * The TLS context of STARTTLS sessions: one per worker thread, made on the
+ * thread's first STARTTLS and freed when the thread exits.
  *
  * Why our own and not libESMTP's: libESMTP 1.1.0 handles a readable socket
  * before it flushes the command it has queued (protocol.c, do_session()).
@@ -393,28 +376,50 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
  * SSL_CERT_DIR variables override, rather than from libESMTP's per-user
  * files. libESMTP still checks the certificate and the host name itself
  * (check_acceptable_security()) and reports through on_event().
+ *
+ * Why per thread: OpenSSL 3.0 fills a certificate's extension cache lazily,
+ * and two threads verifying against the same trusted certificate race on it
+ * (openssl/openssl#32609, seen here with TSan). Contexts that share no
+ * certificate avoid it; loading the CA bundle (tens of ms) once per thread
+ * keeps the cost off each message.
  */
 static pthread_once_t tls_once = PTHREAD_ONCE_INIT;
-static SSL_CTX *tls_ctx;
+static pthread_key_t tls_key;
 
-static void tls_init(void) {
-  SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+static void tls_ctx_free(void *ctx) {
+  SSL_CTX_free(ctx);
+}
+
+static void tls_key_init(void) {
+  PGR_ASSERT(pthread_key_create(&tls_key, tls_ctx_free) == 0);
+}
+
+/* thread_tls_ctx returns this thread's context, or NULL if OpenSSL fails. */
+static SSL_CTX *thread_tls_ctx(void) {
+  SSL_CTX *ctx;
+
+  pthread_once(&tls_once, tls_key_init);
+  ctx = pthread_getspecific(tls_key);
+  if (ctx != NULL)
+    return ctx;
+  ctx = SSL_CTX_new(TLS_client_method());
   if (ctx == NULL)
-    return;
+    return NULL;
   if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
       !SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION) ||
-      !SSL_CTX_set_default_verify_paths(ctx)) {
+      !SSL_CTX_set_default_verify_paths(ctx) ||
+      pthread_setspecific(tls_key, ctx) != 0) {
     SSL_CTX_free(ctx);
-    return;
+    return NULL;
   }
-  tls_ctx = ctx;
+  return ctx;
 }
 
 static enum pgr_outcome send_message(const struct pgr_smtp_config *cfg,
                                      const struct pgr_email *m, char *err,
                                      size_t errlen) {
-  static const int phases[] = {Timeout_GREETING, Timeout_ENVELOPE,
-                               Timeout_DATA, Timeout_TRANSFER, Timeout_DATA2};
+  static const int phases[] = {Timeout_GREETING, Timeout_ENVELOPE, Timeout_DATA,
+                               Timeout_TRANSFER, Timeout_DATA2};
   smtp_session_t s = NULL;
   smtp_message_t msg;
   auth_context_t auth = NULL;
@@ -435,10 +440,10 @@ static enum pgr_outcome send_message(const struct pgr_smtp_config *cfg,
   ss.cfg = cfg;
   ss.server = server;
 
-  if (have_user &&
-      (strlen(cfg->user) > 255 ||
-       (cfg->password != NULL && strlen(cfg->password) > 255))) {
-    snprintf(err, errlen, "SMTP: PGRUNNER_SMTP_USER and "
+  if (have_user && (strlen(cfg->user) > 255 ||
+                    (cfg->password != NULL && strlen(cfg->password) > 255))) {
+    snprintf(err, errlen,
+             "SMTP: PGRUNNER_SMTP_USER and "
              "PGRUNNER_SMTP_PASSWORD may be at most 255 bytes each");
     return PGR_PERMANENT;
   }
@@ -475,12 +480,12 @@ static enum pgr_outcome send_message(const struct pgr_smtp_config *cfg,
     break;
   }
   if (tls != Starttls_DISABLED) {
-    pthread_once(&tls_once, tls_init);
-    if (tls_ctx == NULL) {
+    SSL_CTX *ctx = thread_tls_ctx();
+    if (ctx == NULL) {
       snprintf(err, errlen, "SMTP: cannot set up a TLS context");
       goto out;
     }
-    if (!smtp_starttls_enable(s, tls) || !smtp_starttls_set_ctx(s, tls_ctx)) {
+    if (!smtp_starttls_enable(s, tls) || !smtp_starttls_set_ctx(s, ctx)) {
       snprintf(err, errlen, "SMTP: this libESMTP has no STARTTLS support");
       goto out;
     }
@@ -555,16 +560,15 @@ enum pgr_outcome pgr_email_handler(struct pgr_job *job, void *arg) {
   memset(&o, 0, sizeof o);
   o.task_id = job->task->id;
   o.default_from = cfg->mail_from;
-  o.msgid_domain = cfg->message_id_domain != NULL &&
-                           *cfg->message_id_domain != '\0'
-                       ? cfg->message_id_domain
-                       : local_domain(host, sizeof host);
+  o.msgid_domain =
+      cfg->message_id_domain != NULL && *cfg->message_id_domain != '\0'
+          ? cfg->message_id_domain
+          : local_domain(host, sizeof host);
   o.date = (int64_t)time(NULL);
 
   /* Everything that can make the task fail for good is checked here,
    * before a connection is opened: a bad payload sends nothing. */
-  if (pgr_email_build(job->task->payload, &o, &m, reason, sizeof reason) !=
-      0) {
+  if (pgr_email_build(job->task->payload, &o, &m, reason, sizeof reason) != 0) {
     snprintf(msg, sizeof msg, "invalid email payload: %s", reason);
     job->fail(job, msg);
     return PGR_PERMANENT;
@@ -573,8 +577,7 @@ enum pgr_outcome pgr_email_handler(struct pgr_job *job, void *arg) {
   outcome = send_message(cfg, &m, reason, sizeof reason);
   if (outcome == PGR_SUCCESS)
     pgr_info("email sent", PGR_LI("task", job->task->id),
-             PGR_LS("message_id", m.message_id),
-             PGR_LI("recipients", m.nrcpts),
+             PGR_LS("message_id", m.message_id), PGR_LI("recipients", m.nrcpts),
              PGR_LI("bytes", m.data.len));
   else
     job->fail(job, reason);

@@ -195,12 +195,18 @@ static int is_space(char c) {
   return c == ' ' || c == '\t';
 }
 
+static int not_an_address(const char *s, char *errbuf, size_t errlen) {
+  char sh[96];
+  return bad(errbuf, errlen, "\"%s\" is not a valid email address",
+             shown(s, sh, sizeof sh));
+}
+
 int pgr_email_parse_mailbox(const char *s, char **name, char **addr,
                             char *errbuf, size_t errlen) {
   const char *p = s, *q = s + strlen(s);
   const char *a0, *a1, *n0 = NULL, *n1 = NULL;
   char sh[96];
-  int rc = PGR_EINVAL;
+  int rc;
 
   *name = *addr = NULL;
   if (has_crlf(s))
@@ -216,8 +222,10 @@ int pgr_email_parse_mailbox(const char *s, char **name, char **addr,
         lt = r - 1;
         break;
       }
-    if (lt == NULL)
-      goto malformed;
+    if (lt == NULL) {
+      rc = not_an_address(s, errbuf, errlen);
+      goto out;
+    }
     a0 = lt + 1;
     a1 = q - 1;
     n0 = p;
@@ -230,21 +238,26 @@ int pgr_email_parse_mailbox(const char *s, char **name, char **addr,
   }
 
   *addr = pgr_strndup(a0, (size_t)(a1 - a0));
-  if (!pgr_email_valid_addr(*addr))
-    goto malformed;
+  if (!pgr_email_valid_addr(*addr)) {
+    rc = not_an_address(s, errbuf, errlen);
+    goto out;
+  }
 
   if (n0 != NULL && n1 > n0) {
     struct pgr_buf nb = {NULL, 0, 0};
     if (*n0 == '"') {
       /* A quoted-string: strip the quotes, undo the backslash escapes. */
-      if (n1 - n0 < 2 || n1[-1] != '"')
-        goto malformed;
+      if (n1 - n0 < 2 || n1[-1] != '"') {
+        rc = not_an_address(s, errbuf, errlen);
+        goto out;
+      }
       for (const char *r = n0 + 1; r < n1 - 1; r++) {
         if (*r == '\\' && r + 1 < n1 - 1)
           r++;
         else if (*r == '"' || *r == '\\') {
           pgr_buf_free(&nb);
-          goto malformed;
+          rc = not_an_address(s, errbuf, errlen);
+          goto out;
         }
         pgr_buf_addc(&nb, *r);
       }
@@ -256,8 +269,9 @@ int pgr_email_parse_mailbox(const char *s, char **name, char **addr,
     for (const char *r = nb.data; *r != '\0'; r++)
       if ((unsigned char)*r < 32 && *r != '\t') {
         pgr_buf_free(&nb);
-        rc = bad(errbuf, errlen, "display name of \"%s\" contains a control "
-                 "character", shown(s, sh, sizeof sh));
+        rc = bad(errbuf, errlen,
+                 "display name of \"%s\" contains a control character",
+                 shown(s, sh, sizeof sh));
         goto out;
       }
     if (nb.len > 0)
@@ -267,9 +281,6 @@ int pgr_email_parse_mailbox(const char *s, char **name, char **addr,
   }
   return 0;
 
-malformed:
-  rc = bad(errbuf, errlen, "\"%s\" is not a valid email address",
-           shown(s, sh, sizeof sh));
 out:
   free(*addr);
   free(*name);
@@ -584,7 +595,8 @@ void pgr_email_encode_qp(struct pgr_buf *b, const char *s, size_t n) {
      * stripped in transit. "From " at a line start is encoded too, so an
      * mbox on the way cannot mangle it into ">From ". */
     if (((c >= 33 && c <= 126 && c != '=') || (is_space((char)c) && !eol)) &&
-        !(col == 0 && c == 'F' && n - i >= 5 && memcmp(s + i, "From ", 5) == 0)) {
+        !(col == 0 && c == 'F' && n - i >= 5 &&
+          memcmp(s + i, "From ", 5) == 0)) {
       enc[0] = (char)c;
       elen = 1;
     } else {
@@ -643,9 +655,8 @@ static void add_part(struct pgr_buf *b, const char *type, const char *text,
 void pgr_email_format_date(char *buf, size_t len, int64_t t) {
   static const char days[7][4] = {"Sun", "Mon", "Tue", "Wed",
                                   "Thu", "Fri", "Sat"};
-  static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr",
-                                     "May", "Jun", "Jul", "Aug",
-                                     "Sep", "Oct", "Nov", "Dec"};
+  static const char months[12][4] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                     "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   time_t tt = (time_t)t;
   struct tm tm;
   /* Names spelled out here: strftime's %a and %b follow the locale. */
@@ -747,8 +758,8 @@ static int get_list(const json_t *root, const char *key, struct mlist *l,
   l->v = pgr_calloc(json_array_size(v), sizeof *l->v);
   for (size_t i = 0; i < json_array_size(v); i++) {
     snprintf(what, sizeof what, "\"%s\"[%zu]", key, i);
-    if ((rc = one_mbox(json_array_get(v, i), what, &l->v[i], errbuf,
-                       errlen)) != 0) {
+    if ((rc = one_mbox(json_array_get(v, i), what, &l->v[i], errbuf, errlen)) !=
+        0) {
       mlist_free(l);
       return rc;
     }
@@ -774,22 +785,24 @@ static int get_text(const json_t *root, const char *key, int header,
   return 0;
 }
 
-/* Headers pgrunner writes itself, or that only MTAs may add. */
+/* Headers pgrunner writes itself, or that only MTAs may add. The name has
+ * passed valid_header_name(), so it is short printable ASCII. */
 static int reserved_header(const char *name) {
-  static const char *const names[] = {
-      "from",         "to",          "cc",          "bcc",
-      "reply-to",     "subject",     "date",        "message-id",
-      "mime-version", "return-path", "received",    "sender",
-      "resent-date",  "resent-from", "resent-to",   "resent-cc",
-      "resent-bcc",   "resent-sender", "resent-message-id",
-      "original-recipient",
-  };
-  if (strncasecmp(name, "content-", 8) == 0)
+  static const char names[] =
+      " from to cc bcc reply-to subject date message-id mime-version"
+      " return-path received sender original-recipient ";
+  char key[96];
+  size_t n = 0;
+
+  if (strncasecmp(name, "content-", 8) == 0 ||
+      strncasecmp(name, "resent-", 7) == 0)
     return 1;
-  for (size_t i = 0; i < PGR_ARRAY_LEN(names); i++)
-    if (strcasecmp(name, names[i]) == 0)
-      return 1;
-  return 0;
+  key[n++] = ' ';
+  for (; *name != '\0' && n + 2 < sizeof key; name++)
+    key[n++] = (char)((*name >= 'A' && *name <= 'Z') ? *name + 32 : *name);
+  key[n++] = ' ';
+  key[n] = '\0';
+  return strstr(names, key) != NULL;
 }
 
 /* RFC 5322 3.6.8: a field name is printable ASCII but ':'. */
@@ -815,11 +828,13 @@ static int check_headers(const json_t *h, char *errbuf, size_t errlen) {
                json_kind(h));
   json_object_foreach((json_t *)h, k, v) {
     if (!valid_header_name(k))
-      return bad(errbuf, errlen, "\"headers\": \"%s\" is not a valid header "
-                 "name", shown(k, sh, sizeof sh));
+      return bad(errbuf, errlen,
+                 "\"headers\": \"%s\" is not a valid header name",
+                 shown(k, sh, sizeof sh));
     if (reserved_header(k))
-      return bad(errbuf, errlen, "\"headers\": %s is set by pgrunner; use "
-                 "the payload's own keys (to, cc, from, reply_to, subject)",
+      return bad(errbuf, errlen,
+                 "\"headers\": %s is set by pgrunner; use the payload's "
+                 "own keys (to, cc, from, reply_to, subject)",
                  k);
     if (!json_is_string(v))
       return bad(errbuf, errlen, "\"headers\".%s must be a string, not %s", k,
@@ -892,7 +907,8 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
   if (from.n == 0) {
     char reason[256];
     if (opts->default_from == NULL || *opts->default_from == '\0') {
-      rc = bad(errbuf, errlen, "no sender: give \"from\" in the payload or "
+      rc = bad(errbuf, errlen,
+               "no sender: give \"from\" in the payload or "
                "set PGRUNNER_MAIL_FROM");
       goto out;
     }
@@ -912,16 +928,16 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
   if ((rc = check_headers(headers, errbuf, errlen)) != 0)
     goto out;
   if (to.n + cc.n + bcc.n == 0) {
-    rc = bad(errbuf, errlen, "no recipient: \"to\", \"cc\" and \"bcc\" are "
-             "all empty");
+    rc = bad(errbuf, errlen,
+             "no recipient: \"to\", \"cc\" and \"bcc\" are all empty");
     goto out;
   }
   if (opts->msgid_domain == NULL ||
       !valid_domain(opts->msgid_domain, strlen(opts->msgid_domain))) {
     char sh[96];
-    rc = bad(errbuf, errlen, "Message-ID domain \"%s\" is not a domain name",
-             shown(opts->msgid_domain ? opts->msgid_domain : "", sh,
-                   sizeof sh));
+    rc =
+        bad(errbuf, errlen, "Message-ID domain \"%s\" is not a domain name",
+            shown(opts->msgid_domain ? opts->msgid_domain : "", sh, sizeof sh));
     goto out;
   }
 
@@ -953,18 +969,19 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
   if (json_is_object(headers)) {
     const char *k;
     json_t *v;
-    json_object_foreach((json_t *)headers, k, v)
-        pgr_email_header(b, k, json_string_value(v));
+    json_object_foreach((json_t *)headers, k, v) {
+      pgr_email_header(b, k, json_string_value(v));
+    }
   }
 
   /* The body. The boundary holds "=_", which neither quoted-printable nor
    * base64 can produce (RFC 2045 6.7: "=" is always followed by hex or a
    * line break); a 7bit part containing it is sent quoted-printable. */
   if (html != NULL && text != NULL) {
-    snprintf(boundary, sizeof boundary, "=_pgr_%lld_%016llx",
-             (long long)opts->task_id,
-             (unsigned long long)fnv1a(fnv1a(14695981039346656037u, text),
-                                       html));
+    snprintf(
+        boundary, sizeof boundary, "=_pgr_%lld_%016llx",
+        (long long)opts->task_id,
+        (unsigned long long)fnv1a(fnv1a(14695981039346656037u, text), html));
     pgr_buf_printf(b,
                    "Content-Type: multipart/alternative;\r\n"
                    " boundary=\"%s\"\r\n\r\n--%s\r\n",

@@ -26,10 +26,10 @@
 
 /* One message ready for SMTP. */
 struct pgr_email {
-  char *from;        /* envelope sender, an addr-spec (MAIL FROM) */
-  char **rcpts;      /* envelope recipients: to, cc, bcc, de-duplicated */
+  char *from;   /* envelope sender, an addr-spec (MAIL FROM) */
+  char **rcpts; /* envelope recipients: to, cc, bcc, de-duplicated */
   size_t nrcpts;
-  char *message_id;  /* without the angle brackets */
+  char *message_id;    /* without the angle brackets */
   struct pgr_buf data; /* the whole message, headers and body */
 };
 
