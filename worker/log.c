@@ -284,9 +284,8 @@ static struct rec *rec_create(enum pgr_level level, const char *msg,
       .fields = fields,
       .nfields = nfields,
   };
-  struct pgr_buf b = {.data = block_get(),
-                      .len = sizeof(struct rec),
-                      .cap = REC_INITIAL_BYTES};
+  struct pgr_buf b = {
+      .data = block_get(), .len = sizeof(struct rec), .cap = REC_INITIAL_BYTES};
   b.data[b.len] = '\0';
   pgr_logfmt_record(&b, atomic_load_explicit(&cur_format, memory_order_relaxed),
                     &r);
@@ -400,9 +399,8 @@ static void writer_emit(enum pgr_level level, const char *msg,
 static void flush_file(void) {
   if (W.file_out.len == 0)
     return;
-  int err = W.log_fd >= 0 ? write_all(W.log_fd, W.file_out.data,
-                                      W.file_out.len)
-                          : 0;
+  int err =
+      W.log_fd >= 0 ? write_all(W.log_fd, W.file_out.data, W.file_out.len) : 0;
   pgr_buf_reset(&W.file_out);
   if (err == 0) {
     W.file_failing = 0;
@@ -438,8 +436,8 @@ static void conn_lost(int err) {
   atomic_store(&cur_mode, MODE_LOCAL);
   const struct pgr_log_field f[] = {PGR_LS("path", W.sock_path),
                                     PGR_LS("error", uv_strerror(-err))};
-  writer_emit(PGR_LEVEL_WARN, "log socket lost; appending to the log file",
-              f, PGR_ARRAY_LEN(f));
+  writer_emit(PGR_LEVEL_WARN, "log socket lost; appending to the log file", f,
+              PGR_ARRAY_LEN(f));
 }
 
 /*
@@ -467,8 +465,9 @@ static int conn_send(const struct rec *r) {
 /* writer_write writes and frees a list of records. */
 static void writer_write(struct rec *list) {
   for (struct rec *r = list; r != NULL; r = r->next) {
-    if (W.conn_fd < 0 || r->wire_len == 0 ||
-        r->wire_len > PGR_LOGFMT_WIRE_MAX || conn_send(r) != 0)
+    int sent = W.conn_fd >= 0 && r->wire_len > 0 &&
+               r->wire_len <= PGR_LOGFMT_WIRE_MAX && conn_send(r) == 0;
+    if (!sent && W.log_fd >= 0)
       file_add(rec_line(r), r->line_len);
     if (!W.quiet) {
       pgr_buf_add(&W.err_out, rec_line(r), r->line_len);
@@ -485,10 +484,10 @@ static void writer_report_drops(void) {
   uint64_t total = atomic_load(&n_dropped);
   if (total == W.drops_reported)
     return;
-  const struct pgr_log_field f[] = {
-      PGR_LI("dropped", total - W.drops_reported),
-      PGR_LI("dropped_total", total), PGR_LS("level", "debug"),
-      PGR_LS("reason", "queue full")};
+  const struct pgr_log_field f[] = {PGR_LI("dropped", total - W.drops_reported),
+                                    PGR_LI("dropped_total", total),
+                                    PGR_LS("level", "debug"),
+                                    PGR_LS("reason", "queue full")};
   W.drops_reported = total;
   writer_emit(PGR_LEVEL_WARN, "log records dropped", f, PGR_ARRAY_LEN(f));
 }
@@ -719,8 +718,8 @@ static void on_wake(uv_async_t *h) {
     writer_shutdown();
   } else if (atomic_load(&n_dropped) != W.drops_reported &&
              !uv_is_active((uv_handle_t *)&W.drop_timer)) {
-    PGR_ASSERT(uv_timer_start(&W.drop_timer, on_drop_timer, DROP_REPORT_MS,
-                              0) == 0);
+    PGR_ASSERT(
+        uv_timer_start(&W.drop_timer, on_drop_timer, DROP_REPORT_MS, 0) == 0);
   }
 }
 
@@ -813,8 +812,7 @@ static int serve_setup(void) {
   }
   if (lstat(W.sock_path, &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
-      start_error("log socket path exists and is not a socket", W.sock_path,
-                  0);
+      start_error("log socket path exists and is not a socket", W.sock_path, 0);
       return PGR_EIO;
     }
     int probe = connect_unix(W.sock_path);

@@ -11,6 +11,18 @@
  * Lifecycle: pgr_log_start() once in main, pgr_log_stop() once before exit;
  * stop writes every record queued before it and joins the writer.
  * Before start (and after stop) records go straight to stderr.
+ *
+ * Queue full (65536 records or 32 MiB, i.e. the disk has stalled): debug
+ * records are dropped and counted (pgr_log_dropped(), reported in a warn
+ * record); info, warn and error records are never dropped. A job or main
+ * thread then waits up to 100 ms for room before queueing anyway; the
+ * event-loop thread never waits.
+ *
+ * With a log dir, a client (serve = 0) hands its records to the worker over
+ * DIR/pgrunner.sock, and its stop returns once the worker has written them;
+ * with no worker listening it appends to DIR/pgrunner.log itself. The
+ * worker writes client records whatever its own level (the client filtered
+ * them by its own) and in its own format. Details: the DESIGN note in log.c.
  */
 #ifndef PGR_LOG_H
 #define PGR_LOG_H

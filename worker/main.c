@@ -68,11 +68,12 @@ int main(int argc, char **argv) {
       .dir = cfg.log_dir,
       .serve = cfg.command == PGR_CMD_WORK,
   };
-  if (pgr_log_start(&lo) != 0) {
-    fprintf(stderr, "pgrunner: cannot start logging in %s\n",
-            cfg.log_dir ? cfg.log_dir : "stderr");
+  int lrc = pgr_log_start(&lo);
+  if (lrc != 0) {
+    /* The logger printed why. A socket another worker owns is a runtime
+       condition (1); a bad directory is bad configuration (2). */
     pgr_config_free(&cfg);
-    return 2;
+    return lrc == PGR_EUSAGE ? 2 : 1;
   }
 
   switch (cfg.command) {

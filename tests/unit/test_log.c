@@ -50,8 +50,12 @@ static char *record_of(enum pgr_log_format fmt,
 }
 
 static int64_t utc_ms(int y, int mo, int d, int h, int mi, int s, int ms) {
-  struct tm tm = {.tm_year = y - 1900, .tm_mon = mo - 1, .tm_mday = d,
-                  .tm_hour = h, .tm_min = mi, .tm_sec = s};
+  struct tm tm = {.tm_year = y - 1900,
+                  .tm_mon = mo - 1,
+                  .tm_mday = d,
+                  .tm_hour = h,
+                  .tm_min = mi,
+                  .tm_sec = s};
   return (int64_t)timegm(&tm) * 1000 + ms;
 }
 
@@ -67,8 +71,7 @@ static size_t count_char(const char *s, char c) {
 static size_t count_str(const char *s, const char *needle) {
   size_t n = 0, len = strlen(s), nlen = strlen(needle);
   const char *end = s + len;
-  for (const char *p = s; (p = memmem(p, (size_t)(end - p), needle, nlen));
-       p++)
+  for (const char *p = s; (p = memmem(p, (size_t)(end - p), needle, nlen)); p++)
     n++;
   return n;
 }
@@ -149,8 +152,7 @@ static int bind_at(const char *path) {
 static void send_all(int fd, const char *p, size_t n) {
   while (n > 0) {
     ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-    cr_assert(gt(sz, (size_t)(w > 0 ? w : 0), 0), "send: %s",
-              strerror(errno));
+    cr_assert(gt(sz, (size_t)(w > 0 ? w : 0), 0), "send: %s", strerror(errno));
     p += w;
     n -= (size_t)w;
   }
@@ -242,8 +244,8 @@ Test(logfmt, bare_values_stay_bare_and_others_are_quoted) {
 
 Test(logfmt, text_record_matches_the_contract) {
   const struct pgr_log_field f[] = {
-      PGR_LI("task", 42),          PGR_LS("kind", "email"),
-      PGR_LS("queue", "default"),  PGR_LI("attempt", 1),
+      PGR_LI("task", 42),         PGR_LS("kind", "email"),
+      PGR_LS("queue", "default"), PGR_LI("attempt", 1),
       PGR_LI("duration_ms", 12),
   };
   struct pgr_logfmt_rec r = {.ts_ms = utc_ms(2026, 11, 24, 21, 45, 44, 123),
@@ -318,10 +320,10 @@ Test(logfmt, json_record_parses_with_the_same_keys) {
             line);
   cr_expect(eq(str, (char *)json_string_value(json_object_get(o, "ts")),
                "2026-11-24T21:45:44.123Z"));
-  cr_expect(eq(str, (char *)json_string_value(json_object_get(o, "level")),
-               "error"));
-  cr_expect(eq(str, (char *)json_string_value(json_object_get(o, "proc")),
-               "worker"));
+  cr_expect(
+      eq(str, (char *)json_string_value(json_object_get(o, "level")), "error"));
+  cr_expect(
+      eq(str, (char *)json_string_value(json_object_get(o, "proc")), "worker"));
   cr_expect(eq(int, json_is_integer(json_object_get(o, "pid")), 1),
             "pid is a number");
   cr_expect(eq(i64, json_integer_value(json_object_get(o, "pid")), 4242));
@@ -333,15 +335,13 @@ Test(logfmt, json_record_parses_with_the_same_keys) {
   cr_expect(eq(str, (char *)json_string_value(json_object_get(o, "error")),
                "he said \"no\"\nthen\tleft \x01 \xEF\xBF\xBD"));
   cr_expect(eq(dbl, json_real_value(json_object_get(o, "ratio")), 0.25));
-  cr_expect(eq(str, (char *)json_string_value(json_object_get(o, "nan")),
-               "NaN"));
+  cr_expect(
+      eq(str, (char *)json_string_value(json_object_get(o, "nan")), "NaN"));
   cr_expect(eq(int, json_is_null(json_object_get(o, "nothing")), 1));
-  cr_expect(eq(i64, json_integer_value(json_object_get(o, "big")),
-               INT64_MIN));
+  cr_expect(eq(i64, json_integer_value(json_object_get(o, "big")), INT64_MIN));
   /* Keys in order: the same order as the text format. */
-  const char *want[] = {"ts",    "level", "proc",    "pid",  "msg",
-                        "task",  "kind",  "error",   "ratio", "nan",
-                        "nothing", "big"};
+  const char *want[] = {"ts",   "level", "proc",  "pid", "msg",     "task",
+                        "kind", "error", "ratio", "nan", "nothing", "big"};
   size_t i = 0;
   const char *key;
   json_t *val;
@@ -368,15 +368,13 @@ Test(logfmt, a_record_with_newlines_stays_one_line) {
   enum pgr_log_format fmts[] = {PGR_LOG_TEXT, PGR_LOG_JSON};
   for (size_t i = 0; i < 2; i++) {
     char *line = record_of(fmts[i], &r);
-    cr_expect(eq(sz, count_char(line, '\n'), 1), "format %zu: one newline",
-              i);
+    cr_expect(eq(sz, count_char(line, '\n'), 1), "format %zu: one newline", i);
     cr_expect(eq(chr, line[strlen(line) - 1], '\n'), "at the end");
     cr_expect(eq(sz, count_char(line, '\r'), 0), "no carriage return");
     free(line);
   }
   char *text = record_of(PGR_LOG_TEXT, &r);
-  cr_expect(ne(ptr, strstr(text, " msg=\"first\\nsecond\\r\\nthird\" "),
-               NULL),
+  cr_expect(ne(ptr, strstr(text, " msg=\"first\\nsecond\\r\\nthird\" "), NULL),
             "the message is quoted and escaped: %s", text);
   cr_expect(ne(ptr, strstr(text, " k_ey=v"), NULL),
             "a key is reduced to key characters: %s", text);
@@ -384,9 +382,8 @@ Test(logfmt, a_record_with_newlines_stays_one_line) {
 }
 
 Test(logfmt, fields_cannot_impersonate_fixed_keys) {
-  const struct pgr_log_field f[] = {PGR_LS("msg", "fake"),
-                                    PGR_LI("pid", 1), PGR_LS(NULL, "x"),
-                                    PGR_LS("a b=c", "y")};
+  const struct pgr_log_field f[] = {PGR_LS("msg", "fake"), PGR_LI("pid", 1),
+                                    PGR_LS(NULL, "x"), PGR_LS("a b=c", "y")};
   struct pgr_logfmt_rec r = {.ts_ms = 1,
                              .level = PGR_LEVEL_INFO,
                              .proc = "worker",
@@ -395,9 +392,9 @@ Test(logfmt, fields_cannot_impersonate_fixed_keys) {
                              .fields = f,
                              .nfields = PGR_ARRAY_LEN(f)};
   char *text = record_of(PGR_LOG_TEXT, &r);
-  cr_expect(ne(ptr, strstr(text, "msg=real _msg=fake _pid=1 _=x a_b_c=y\n"),
-               NULL),
-            "%s", text);
+  cr_expect(
+      ne(ptr, strstr(text, "msg=real _msg=fake _pid=1 _=x a_b_c=y\n"), NULL),
+      "%s", text);
   free(text);
   char *json = record_of(PGR_LOG_JSON, &r);
   json_error_t err;
@@ -409,11 +406,9 @@ Test(logfmt, fields_cannot_impersonate_fixed_keys) {
 
 Test(logfmt, wire_round_trip_gives_the_same_line) {
   const struct pgr_log_field f[] = {
-      PGR_LI("task", 42),        PGR_LS("kind", "email"),
-      PGR_LS("q", "a \"b\"\n"),  PGR_LD("d", 0.1),
-      PGR_LD("whole", 12.0),     PGR_LD("inf", -INFINITY),
-      PGR_LS("null", NULL),      PGR_LS("empty", ""),
-      PGR_LS("msg", "shadow"),
+      PGR_LI("task", 42),   PGR_LS("kind", "email"), PGR_LS("q", "a \"b\"\n"),
+      PGR_LD("d", 0.1),     PGR_LD("whole", 12.0),   PGR_LD("inf", -INFINITY),
+      PGR_LS("null", NULL), PGR_LS("empty", ""),     PGR_LS("msg", "shadow"),
   };
   struct pgr_logfmt_rec r = {.ts_ms = utc_ms(2026, 1, 2, 3, 4, 5, 6),
                              .level = PGR_LEVEL_DEBUG,
@@ -430,10 +425,9 @@ Test(logfmt, wire_round_trip_gives_the_same_line) {
   for (size_t i = 0; i < 2; i++) {
     struct pgr_buf out;
     pgr_buf_init(&out);
-    cr_assert(eq(int,
-                 pgr_logfmt_rewire(&out, fmts[i], wire.data, wire.len - 1),
-                 0),
-              "a wire line we made is accepted: %s", wire.data);
+    cr_assert(
+        eq(int, pgr_logfmt_rewire(&out, fmts[i], wire.data, wire.len - 1), 0),
+        "a wire line we made is accepted: %s", wire.data);
     char *direct = record_of(fmts[i], &r);
     cr_expect(eq(str, out.data, direct),
               "the server writes what the client would have written");
@@ -487,8 +481,8 @@ Test(logfmt, rewire_rejects_anything_that_is_not_a_record) {
   pgr_buf_init(&out);
   pgr_buf_adds(&out, "untouched");
   for (size_t i = 0; i < PGR_ARRAY_LEN(bad); i++) {
-    cr_expect(ne(int, pgr_logfmt_rewire(&out, PGR_LOG_TEXT, bad[i],
-                                        strlen(bad[i])),
+    cr_expect(ne(int,
+                 pgr_logfmt_rewire(&out, PGR_LOG_TEXT, bad[i], strlen(bad[i])),
                  0),
               "line %zu should be rejected: %s", i, bad[i]);
   }
@@ -518,7 +512,8 @@ Test(logfmt, level_names) {
   cr_expect(ne(int, pgr_log_level_parse("verbose", &l), 0));
 }
 
-/* ---- the logger ----------------------------------------------------------- */
+/* ---- the logger -----------------------------------------------------------
+ */
 
 Test(log, records_below_the_level_are_discarded) {
   char *dir = make_dir();
@@ -563,8 +558,7 @@ Test(log, before_start_and_after_stop_records_go_to_stderr_at_once) {
   pgr_log_stop();
   pgr_info("late", PGR_LI("n", 3));
   s = slurp(err);
-  cr_expect(ne(ptr, strstr(s, "\"msg\":\"while running\"}\n"), NULL), "%s",
-            s);
+  cr_expect(ne(ptr, strstr(s, "\"msg\":\"while running\"}\n"), NULL), "%s", s);
   cr_expect(ne(ptr, strstr(s, "\"proc\":\"add\""), NULL), "%s", s);
   cr_expect(ne(ptr, strstr(s, "\"msg\":\"late\",\"n\":3}\n"), NULL),
             "after stop, in the last format: %s", s);
@@ -591,7 +585,8 @@ static void expect_all_tasks(const char *text, int n, int json) {
   char *seen = pgr_calloc((size_t)n, 1);
   char *copy = pgr_strdup(text);
   const char *task = json ? "\"task\":" : " task=";
-  const char *msg = json ? "\"msg\":\"task succeeded\"" : "msg=\"task succeeded\"";
+  const char *msg =
+      json ? "\"msg\":\"task succeeded\"" : "msg=\"task succeeded\"";
   int lines = 0;
   for (char *p = copy; *p;) {
     char *nl = strchr(p, '\n');
@@ -635,6 +630,12 @@ Test(log, many_threads_lose_no_line) {
   remove_dir(dir);
 }
 
+static void *resume_later(void *arg) {
+  usleep(300000);
+  kill(*(pid_t *)arg, SIGCONT);
+  return NULL;
+}
+
 /*
  * A worker in a child process serves the socket (JSON); this process logs
  * as a command would (text). Lines in the file are JSON: they went through
@@ -668,12 +669,22 @@ Test(log, socket_round_trip_and_stop_flushes_everything) {
 
   struct pgr_log_options o = opts_for(dir, 0, PGR_LOG_TEXT);
   cr_assert(eq(int, pgr_log_start(&o), 0));
-  struct producer p = {.first = 0, .count = 20000};
+  struct producer p = {.first = 0, .count = 19900};
+  produce(&p);
+  char *log = path_in(dir, "pgrunner.log");
+  cr_assert(wait_for_text(log, "\"task\":19899,"), "the worker keeps up");
+  /* The worker is frozen for the last lines and resumed a little later, so
+   * they are still unread when stop begins: stop must wait for the worker
+   * to write them, not merely hand them to the kernel. */
+  cr_assert(eq(int, kill(child, SIGSTOP), 0));
+  pthread_t th;
+  cr_assert(eq(int, pthread_create(&th, NULL, resume_later, &child), 0));
+  p = (struct producer){.first = 19900, .count = 100};
   produce(&p);
   pgr_log_stop();
+  char *s = slurp(log); /* before the worker is sure to have resumed */
+  pthread_join(th, NULL);
 
-  char *log = path_in(dir, "pgrunner.log");
-  char *s = slurp(log);
   cr_expect(eq(sz, count_str(s, "\"proc\":\"add\""), 20000), "JSON lines");
   char *pid = pgr_asprintf("\"pid\":%d,", (int)getpid());
   cr_expect(eq(sz, count_str(s, pid), 20000), "with the command's pid");
@@ -766,8 +777,7 @@ Test(log, garbage_on_the_socket_is_dropped_and_counted) {
   cr_expect(eq(sz, count_str(s, "msg=\"first good\""), 1), "%s", s);
   cr_expect(eq(sz, count_str(s, "msg=\"second good\""), 1), "%s", s);
   cr_expect(eq(sz, count_str(s, "msg=\"third good\""), 1), "%s", s);
-  cr_expect(eq(sz, count_str(s, "log socket client sent invalid records"),
-               2),
+  cr_expect(eq(sz, count_str(s, "log socket client sent invalid records"), 2),
             "%s", s);
   cr_expect(eq(sz, count_str(s, "rejected=5"), 1), "%s", s);
   cr_expect(eq(ptr, strstr(s, "xxx"), NULL), "no garbage in the file");
@@ -851,8 +861,7 @@ Test(log, a_second_worker_on_the_same_dir_is_refused) {
   struct pgr_log_options o = opts_for(dir, 1, PGR_LOG_TEXT);
   cr_expect(ne(int, pgr_log_start(&o), 0));
   char *s = slurp(err);
-  cr_expect(ne(ptr, strstr(s, "another worker already serves"), NULL), "%s",
-            s);
+  cr_expect(ne(ptr, strstr(s, "another worker already serves"), NULL), "%s", s);
   close(lfd);
   free(s);
   free(lock);
@@ -867,8 +876,7 @@ Test(log, the_log_dir_must_exist) {
   struct pgr_log_options o = opts_for(missing, 1, PGR_LOG_TEXT);
   cr_expect(eq(int, pgr_log_start(&o), PGR_EUSAGE));
   char *s = slurp(err);
-  cr_expect(ne(ptr, strstr(s, "log directory does not exist"), NULL), "%s",
-            s);
+  cr_expect(ne(ptr, strstr(s, "log directory does not exist"), NULL), "%s", s);
   free(s);
   free(missing);
   free(err);
