@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 
 PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev
-  libjansson-dev libmicrohttpd-dev libssl-dev libcriterion-dev postgresql-15
+  libjansson-dev libssl-dev libcriterion-dev postgresql-15
   postgresql-client-15"
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=""
@@ -53,6 +53,9 @@ CONF
   echo "pgrunner: using the embedded PostgreSQL: $DATABASE_URL"
 fi
 
+# GnuTLS (pulled in by libpq through libldap) initialises itself when it is
+# loaded unless told not to; pgrunner never uses it. Saves ~750 KiB RSS.
+export GNUTLS_NO_IMPLICIT_INIT=1
 build/pgrunner migrate
 echo "pgrunner: add a task from another shell, e.g."
 echo "  psql \"${DATABASE_URL:-}\" -c \"INSERT INTO pgrunner.tasks (kind) VALUES ('noop')\""

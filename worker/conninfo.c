@@ -72,6 +72,12 @@ int pgr_conninfo_parse(const char *conninfo, const char *appname,
   }
   if (appname)
     pgr_conninfo_set(out, "application_name", appname);
+  /* GSSAPI encryption is tried first by default, which initialises
+     Kerberos in every process (about 1 MiB resident) to find, almost
+     always, no credentials. Off unless asked for in the string or with
+     PGGSSENCMODE. */
+  if (pgr_conninfo_get(out, "gssencmode") == NULL && !getenv("PGGSSENCMODE"))
+    pgr_conninfo_set(out, "gssencmode", "disable");
 out:
   if (opts)
     PQconninfoFree(opts);

@@ -1,12 +1,15 @@
 /*
  * metrics.c - task counters, the /metrics text and the /healthz state, served
- * over HTTP by libmicrohttpd.
+ * over HTTP by a small HTTP/1.x server of our own on libuv.
  *
  * Thread: the update functions (pgr_metrics_task_*, pgr_metrics_set_*) run
- * on the loop thread; pgr_metrics_render() runs on libmicrohttpd's own
- * polling thread (or a test's thread). pgr_metrics_start/stop run on the
- * thread that owns the worker's lifecycle (the loop thread, before and after
- * the loop runs).
+ * on the loop thread (and on the worker threads). The HTTP server runs on a
+ * thread of its own with a uv_loop_t of its own; it parses requests and calls
+ * pgr_metrics_render() there (tests call render from their own thread too),
+ * so the worker's event loop never serves or formats anything.
+ * pgr_metrics_start/stop run on the thread that owns the worker's lifecycle
+ * (the loop thread, before and after the loop runs); stop reaches the server
+ * thread through a uv_async_t and joins it.
  *
  * DESIGN: the two sides meet at one uv_mutex_t. Updates hold it for a hash
  * probe and a few increments: no I/O, and no allocation except the first
@@ -20,19 +23,21 @@
  * The number of distinct (queue, kind) pairs is capped; past the cap a task
  * is counted under kind="other" of its queue, and past a second, small cap
  * under queue="other", kind="other", so a flood of random kinds cannot grow
- * memory without bound.
+ * memory without bound. The HTTP server (struct server) belongs to
+ * start/stop; each connection (struct conn) belongs to the server thread and
+ * is freed in the close callback of the last of its two handles.
  */
 #include "metrics.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <microhttpd.h>
 #include <netinet/in.h>
-#include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -107,7 +112,7 @@ static int16_t slots[NSLOTS]; /* index into series + 1; 0 = empty */
 static int running;
 static int db_up;
 /* Touched only by start/stop, on one thread. */
-static struct MHD_Daemon *daemon_;
+static struct server *server_;
 
 static void init_once(void) {
   PGR_ASSERT(uv_mutex_init(&mu) == 0);
@@ -393,78 +398,474 @@ char *pgr_metrics_render(void) {
 
 /* ---- HTTP ---- */
 
-static enum MHD_Result reply(struct MHD_Connection *conn, unsigned int status,
-                             char *body, int must_free,
-                             const char *content_type) {
-  struct MHD_Response *r;
-  enum MHD_Result ret;
+/*
+ * DESIGN (HTTP): a deliberately small server, because the whole job is two
+ * fixed GET routes for a scraper and a health check. It reads the request
+ * line and headers (never a body), answers, and closes: one request per
+ * connection, announced with "Connection: close", so there is no keep-alive,
+ * pipelining or chunked input to get wrong. Everything a client can make it
+ * hold is bounded: REQ_MAX bytes of request head per connection, MAX_CONNS
+ * connections, and a deadline per connection (a slow or silent client is
+ * cut off; the deadline is not pushed back by each byte, so dribbling a
+ * byte at a time does not hold a slot for long either).
+ *
+ * After the response is written the server half-closes (FIN) and keeps
+ * reading until the client closes, discarding what it gets: closing a
+ * socket with unread input makes the kernel send a reset, which can destroy
+ * the response before the client has read it (a request with a body, a
+ * pipelined second request, an oversized head answered with 431).
+ */
 
-  r = MHD_create_response_from_buffer(strlen(body), body,
-                                      must_free ? MHD_RESPMEM_MUST_FREE
-                                                : MHD_RESPMEM_PERSISTENT);
-  if (r == NULL) {
-    if (must_free)
-      free(body);
-    return MHD_NO;
+/* Request line and headers, including the blank line. */
+#define REQ_MAX 8192
+/* A scraper needs one or two; cap what misbehaving clients can hold. */
+#define MAX_CONNS 64
+/* From accept to the end of the request head. */
+#define REQUEST_TIMEOUT_MS 10000
+/* From the end of the request head to the client's close. */
+#define RESPONSE_TIMEOUT_MS 10000
+
+static const char text_plain[] = "text/plain; charset=utf-8";
+static const char text_metrics[] = "text/plain; version=0.0.4; charset=utf-8";
+
+enum conn_state {
+  CONN_READING,  /* collecting the request head */
+  CONN_WRITING,  /* the response is being written; input is discarded */
+  CONN_DRAINING, /* response written, FIN sent; discard input until EOF */
+  CONN_CLOSING,  /* uv_close called on both handles */
+};
+
+struct conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  uv_write_t write_req;
+  uv_shutdown_t shutdown_req;
+  struct server *srv;
+  struct conn *prev, *next; /* the server's list, for stop */
+  enum conn_state state;
+  int open_handles; /* freed when the last handle's close_cb runs */
+  int peer_eof;     /* the client half-closed after its request */
+  char *resp_head;  /* what uv_write is sending; freed in on_written */
+  char *resp_body;
+  /* Set once the request line has parsed; they point into req. */
+  const char *method;
+  size_t method_len;
+  const char *target;
+  size_t target_len;
+  size_t scan; /* where to resume looking for the end of the head */
+  size_t len;  /* bytes of req filled */
+  char req[REQ_MAX];
+};
+
+struct server {
+  uv_loop_t loop;
+  uv_tcp_t listener;
+  uv_async_t stop_async;
+  uv_thread_t thread;
+  struct conn *conns;
+  int nconns; /* including connections whose handles are closing */
+};
+
+static void on_conn_closed(uv_handle_t *h) {
+  struct conn *c = h->data;
+  struct server *s = c->srv;
+
+  if (--c->open_handles > 0)
+    return;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->conns = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  s->nconns--;
+  /* Pending write and shutdown callbacks ran (UV_ECANCELED) before this. */
+  PGR_ASSERT(c->resp_head == NULL && c->resp_body == NULL);
+  free(c);
+}
+
+static void conn_close(struct conn *c) {
+  if (c->state == CONN_CLOSING)
+    return;
+  c->state = CONN_CLOSING;
+  uv_close((uv_handle_t *)&c->tcp, on_conn_closed);
+  uv_close((uv_handle_t *)&c->timer, on_conn_closed);
+}
+
+static void on_conn_timeout(uv_timer_t *t) {
+  conn_close(t->data);
+}
+
+static const char *reason_phrase(int status) {
+  switch (status) {
+  case 200:
+    return "OK";
+  case 400:
+    return "Bad Request";
+  case 404:
+    return "Not Found";
+  case 405:
+    return "Method Not Allowed";
+  case 431:
+    return "Request Header Fields Too Large";
+  case 503:
+    return "Service Unavailable";
+  case 505:
+    return "HTTP Version Not Supported";
+  default:
+    return "Error";
   }
-  MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
-  if (status == MHD_HTTP_METHOD_NOT_ALLOWED)
-    MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD");
-  ret = MHD_queue_response(conn, status, r);
-  MHD_destroy_response(r);
-  return ret;
+}
+
+/* add_date adds the Date header RFC 9110 asks of a server with a clock; the
+ * names are spelled out because strftime's %a and %b follow the locale. */
+static void add_date(struct pgr_buf *b) {
+  static const char *const day[] = {"Sun", "Mon", "Tue", "Wed",
+                                    "Thu", "Fri", "Sat"};
+  static const char *const mon[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                    "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  time_t now = time(NULL);
+  struct tm tm;
+
+  if (gmtime_r(&now, &tm) == NULL)
+    return;
+  pgr_buf_printf(b, "Date: %s, %02d %s %04d %02d:%02d:%02d GMT\r\n",
+                 day[tm.tm_wday % 7], tm.tm_mday, mon[tm.tm_mon % 12],
+                 tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  struct conn *c = pgr_container_of(req, struct conn, shutdown_req);
+
+  if (status < 0)
+    conn_close(c); /* a no-op when already closing (UV_ECANCELED) */
+}
+
+static void on_written(uv_write_t *req, int status) {
+  struct conn *c = pgr_container_of(req, struct conn, write_req);
+
+  free(c->resp_head);
+  free(c->resp_body);
+  c->resp_head = c->resp_body = NULL;
+  if (c->state == CONN_CLOSING)
+    return;
+  if (status < 0 || c->peer_eof) {
+    /* Failed, or done: a client that already closed its side reads to our
+     * FIN, and all its input has been read, so close cannot reset. */
+    conn_close(c);
+    return;
+  }
+  c->state = CONN_DRAINING;
+  if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0)
+    conn_close(c);
 }
 
 /*
- * on_request answers one request on libmicrohttpd's thread. It replies on
- * the first call; libmicrohttpd discards any request body itself.
+ * respond sends status with body (malloc'd; taken, even on failure) and
+ * closes after it. head_only leaves the body out (HEAD) but keeps its
+ * Content-Length.
  */
-static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
-                                  const char *url, const char *method,
-                                  const char *version, const char *upload,
-                                  size_t *upload_size, void **req_cls) {
-  static const char text[] = "text/plain; charset=utf-8";
-  (void)cls;
-  (void)version;
-  (void)upload;
-  (void)upload_size;
-  (void)req_cls;
+static void respond(struct conn *c, int status, const char *ctype, char *body,
+                    int head_only) {
+  struct pgr_buf h;
+  uv_buf_t bufs[2];
+  size_t body_len = strlen(body);
 
-  if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
-      strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
-    return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
-                 (char *)"method not allowed\n", 0, text);
-  if (strcmp(url, "/metrics") == 0)
-    return reply(conn, MHD_HTTP_OK, pgr_metrics_render(), 1,
-                 "text/plain; version=0.0.4; charset=utf-8");
-  if (strcmp(url, "/healthz") == 0) {
-    if (get_db_up())
-      return reply(conn, MHD_HTTP_OK, (char *)"ok\n", 0, text);
-    return reply(conn, MHD_HTTP_SERVICE_UNAVAILABLE,
-                 (char *)"database connection down\n", 0, text);
+  pgr_buf_init(&h);
+  pgr_buf_printf(&h, "HTTP/1.1 %d %s\r\n", status, reason_phrase(status));
+  add_date(&h);
+  pgr_buf_printf(&h,
+                 "Content-Type: %s\r\nContent-Length: %zu\r\n"
+                 "Cache-Control: no-store\r\nConnection: close\r\n",
+                 ctype, body_len);
+  if (status == 405)
+    pgr_buf_adds(&h, "Allow: GET, HEAD\r\n");
+  pgr_buf_adds(&h, "\r\n");
+
+  c->resp_head = h.data;
+  bufs[0] = uv_buf_init(h.data, (unsigned int)h.len);
+  if (head_only || body_len == 0) {
+    free(body);
+  } else {
+    c->resp_body = body;
+    bufs[1] = uv_buf_init(body, (unsigned int)body_len);
   }
-  return reply(conn, MHD_HTTP_NOT_FOUND, (char *)"not found\n", 0, text);
+  c->state = CONN_WRITING;
+  /* The deadline now covers writing and the client's close. */
+  uv_timer_start(&c->timer, on_conn_timeout, RESPONSE_TIMEOUT_MS, 0);
+  if (uv_write(&c->write_req, (uv_stream_t *)&c->tcp, bufs,
+               c->resp_body ? 2 : 1, on_written) != 0) {
+    free(c->resp_head);
+    free(c->resp_body);
+    c->resp_head = c->resp_body = NULL;
+    conn_close(c);
+  }
 }
 
-/* libmicrohttpd's own complaints go into our log, not raw onto stderr. */
-static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
-  char msg[512];
-  size_t len;
-  (void)cls;
+static int method_is(const struct conn *c, const char *m) {
+  return c->method != NULL && c->method_len == strlen(m) &&
+         memcmp(c->method, m, c->method_len) == 0;
+}
 
-  vsnprintf(msg, sizeof msg, fmt, ap);
-  len = strlen(msg);
-  while (len > 0 && (msg[len - 1] == '\n' || msg[len - 1] == '\r'))
-    msg[--len] = '\0';
-  pgr_warn("metrics http server", PGR_LS("error", msg));
+/* respond_error answers a request that cannot be served as asked. */
+static void respond_error(struct conn *c, int status, const char *body) {
+  respond(c, status, text_plain, pgr_strdup(body), method_is(c, "HEAD"));
+}
+
+/*
+ * request_path returns the path of the request target (origin form
+ * "/p?q", or absolute form "http://host/p?q", which RFC 9112 has servers
+ * accept) without its query, in *len.
+ */
+static const char *request_path(const struct conn *c, size_t *len) {
+  const char *p = c->target, *end = c->target + c->target_len;
+  const char *q;
+
+  if ((size_t)(end - p) > 7 && strncasecmp(p, "http://", 7) == 0)
+    p += 7;
+  else if ((size_t)(end - p) > 8 && strncasecmp(p, "https://", 8) == 0)
+    p += 8;
+  if (p != c->target) {
+    p = memchr(p, '/', (size_t)(end - p));
+    if (p == NULL) {
+      *len = 1;
+      return "/";
+    }
+  }
+  q = memchr(p, '?', (size_t)(end - p));
+  *len = (size_t)((q ? q : end) - p);
+  return p;
+}
+
+static int path_is(const char *path, size_t len, const char *want) {
+  return len == strlen(want) && memcmp(path, want, len) == 0;
+}
+
+/* serve answers a complete, well-formed request head. */
+static void serve(struct conn *c) {
+  int head = method_is(c, "HEAD");
+  size_t len;
+  const char *path = request_path(c, &len);
+
+  if (!head && !method_is(c, "GET"))
+    respond_error(c, 405, "method not allowed\n");
+  else if (path_is(path, len, "/metrics"))
+    respond(c, 200, text_metrics, pgr_metrics_render(), head);
+  else if (path_is(path, len, "/healthz") && get_db_up())
+    respond(c, 200, text_plain, pgr_strdup("ok\n"), head);
+  else if (path_is(path, len, "/healthz"))
+    respond(c, 503, text_plain, pgr_strdup("database connection down\n"), head);
+  else
+    respond_error(c, 404, "not found\n");
+}
+
+static int is_tchar(unsigned char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+         (ch >= '0' && ch <= '9') ||
+         (ch != '\0' && strchr("!#$%&'*+-.^_`|~", ch) != NULL);
+}
+
+/*
+ * parse_request_line checks "METHOD SP target SP HTTP/d.d" in [p, end) (end
+ * at the line's LF) and records the method and target. It returns 0, or the
+ * status to answer: 400 for anything malformed, 505 for a major version
+ * other than 1.
+ */
+static int parse_request_line(struct conn *c, const char *p, const char *end) {
+  const char *sp1, *sp2, *v;
+
+  if (end > p && end[-1] == '\r')
+    end--;
+  sp1 = memchr(p, ' ', (size_t)(end - p));
+  if (sp1 == NULL || sp1 == p)
+    return 400;
+  for (const char *q = p; q < sp1; q++)
+    if (!is_tchar((unsigned char)*q))
+      return 400;
+  sp2 = memchr(sp1 + 1, ' ', (size_t)(end - sp1 - 1));
+  if (sp2 == NULL || sp2 == sp1 + 1)
+    return 400;
+  for (const char *q = sp1 + 1; q < sp2; q++)
+    if ((unsigned char)*q <= 0x20 || (unsigned char)*q == 0x7f)
+      return 400;
+  v = sp2 + 1;
+  if (end - v != 8 || memcmp(v, "HTTP/", 5) != 0 || v[5] < '0' || v[5] > '9' ||
+      v[6] != '.' || v[7] < '0' || v[7] > '9')
+    return 400;
+  if (v[5] != '1')
+    return 505;
+  c->method = p;
+  c->method_len = (size_t)(sp1 - p);
+  c->target = sp1 + 1;
+  c->target_len = (size_t)(sp2 - sp1 - 1);
+  return 0;
+}
+
+/*
+ * on_request_bytes looks at the request head collected so far: the request
+ * line is checked as soon as it is complete (garbage is answered at once),
+ * and the request is served at the blank line that ends the head. A bare LF
+ * is accepted for CRLF, and empty lines before the request line are skipped
+ * (RFC 9112 section 2.2).
+ */
+static void on_request_bytes(struct conn *c) {
+  const char *buf = c->req, *end = c->req + c->len;
+
+  if (c->method == NULL) {
+    const char *p = buf, *nl;
+    int status;
+
+    while (p < end && (*p == '\r' || *p == '\n'))
+      p++;
+    nl = memchr(p, '\n', (size_t)(end - p));
+    if (nl != NULL) {
+      status = parse_request_line(c, p, nl);
+      if (status != 0) {
+        respond_error(c, status,
+                      status == 505 ? "HTTP/1.x only\n" : "bad request\n");
+        return;
+      }
+      c->scan = (size_t)(nl - buf);
+    }
+  }
+  if (c->method != NULL) {
+    /* The head ends at LF [CR] LF; c->scan is at or before its first LF. */
+    for (size_t i = c->scan; i < c->len; i++) {
+      size_t j = i + 1;
+      if (buf[i] != '\n')
+        continue;
+      if (j < c->len && buf[j] == '\r')
+        j++;
+      if (j < c->len && buf[j] == '\n') {
+        serve(c);
+        return;
+      }
+    }
+    /* Rescan the last two bytes next time: they may start the blank line. */
+    c->scan = c->len >= 2 ? c->len - 2 : 0;
+  }
+  if (c->len == REQ_MAX)
+    respond_error(c, 431, "request head too large\n");
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  struct conn *c = h->data;
+  (void)suggested;
+
+  /* Past the head, input is read only to be thrown away. A full buffer
+   * cannot happen while reading the head: on_request_bytes answers 431. */
+  if (c->state == CONN_READING)
+    *buf = uv_buf_init(c->req + c->len, (unsigned int)(REQ_MAX - c->len));
+  else
+    *buf = uv_buf_init(c->req, REQ_MAX);
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+  struct conn *c = stream->data;
+  (void)buf;
+
+  if (nread == 0 || c->state == CONN_CLOSING)
+    return;
+  if (nread == UV_EOF && c->state == CONN_WRITING) {
+    /* A client may send its request and half-close: it still gets the
+     * response, and the connection closes once that is written. */
+    c->peer_eof = 1;
+    uv_read_stop(stream);
+    return;
+  }
+  if (nread < 0) {
+    /* EOF mid-request (the client gave up), EOF after our FIN (done), or
+     * a reset: nothing more to do with this connection. */
+    conn_close(c);
+    return;
+  }
+  if (c->state == CONN_READING) {
+    c->len += (size_t)nread;
+    on_request_bytes(c);
+  }
+}
+
+static void on_connection(uv_stream_t *listener, int status) {
+  struct server *s = pgr_container_of(listener, struct server, listener);
+  struct conn *c;
+
+  /*
+   * A failed accept (out of descriptors, say) concerns one client; libuv
+   * keeps listening, and there is nothing useful to log per connection.
+   */
+  if (status < 0)
+    return;
+  c = pgr_calloc(1, sizeof *c);
+  c->srv = s;
+  PGR_ASSERT(uv_tcp_init(&s->loop, &c->tcp) == 0);
+  PGR_ASSERT(uv_timer_init(&s->loop, &c->timer) == 0);
+  c->tcp.data = c->timer.data = c;
+  c->open_handles = 2;
+  c->state = CONN_READING;
+  c->next = s->conns;
+  if (s->conns)
+    s->conns->prev = c;
+  s->conns = c;
+  s->nconns++;
+  /*
+   * Past the cap the connection is still accepted, then closed at once:
+   * leaving it in the backlog would make libuv stop accepting altogether.
+   */
+  if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0 ||
+      s->nconns > MAX_CONNS ||
+      uv_timer_start(&c->timer, on_conn_timeout, REQUEST_TIMEOUT_MS, 0) != 0 ||
+      uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0)
+    conn_close(c);
+}
+
+/* on_stop runs on the server thread when pgr_metrics_stop asks: closing
+ * every handle lets uv_run return. */
+static void on_stop(uv_async_t *a) {
+  struct server *s = pgr_container_of(a, struct server, stop_async);
+
+  uv_close((uv_handle_t *)&s->listener, NULL);
+  uv_close((uv_handle_t *)&s->stop_async, NULL);
+  /* conn_close unlinks nothing (the close callbacks do), so this walk is
+   * safe. */
+  for (struct conn *c = s->conns; c != NULL; c = c->next)
+    conn_close(c);
+}
+
+static void server_main(void *arg) {
+  struct server *s = arg;
+  sigset_t set;
+
+  /*
+   * Writing to a client that has gone raises SIGPIPE, which kills a process
+   * that has not ignored it (the unit tests have not). Blocked on this
+   * thread, the write just fails with EPIPE.
+   */
+  sigemptyset(&set);
+  sigaddset(&set, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  uv_run(&s->loop, UV_RUN_DEFAULT);
+}
+
+static void close_any(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h))
+    uv_close(h, NULL);
+}
+
+/* discard_server frees a server whose thread never started. */
+static void discard_server(struct server *s) {
+  uv_walk(&s->loop, close_any, NULL);
+  uv_run(&s->loop, UV_RUN_DEFAULT);
+  PGR_ASSERT(uv_loop_close(&s->loop) == 0);
+  free(s);
 }
 
 /*
  * open_listener binds and listens on host:port itself, so that a port in
- * use is reported with its errno rather than libmicrohttpd's log line.
+ * use is reported with its errno, and so that "::" gets dual stack.
  */
-static int open_listener(const char *host, int port, int *fd_out, int *v6_out,
-                         char *errbuf, size_t errlen) {
+static int open_listener(const char *host, int port, int *fd_out, char *errbuf,
+                         size_t errlen) {
   struct sockaddr_storage ss;
   socklen_t sslen;
   int fd = -1, one = 1, v6 = 0, rc = PGR_EIO;
@@ -510,7 +911,8 @@ static int open_listener(const char *host, int port, int *fd_out, int *v6_out,
     int only = !IN6_IS_ADDR_UNSPECIFIED(&sin6->sin6_addr);
     (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &only, sizeof only);
   }
-  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 || listen(fd, 64) != 0) {
+  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
+      listen(fd, MAX_CONNS) != 0) {
     snprintf(errbuf, errlen, "cannot listen on %s%s%s:%d: %s", v6 ? "[" : "",
              host, v6 ? "]" : "", port, strerror(errno));
     rc = errno == EADDRINUSE || errno == EADDRNOTAVAIL || errno == EACCES
@@ -519,7 +921,6 @@ static int open_listener(const char *host, int port, int *fd_out, int *v6_out,
     goto out;
   }
   *fd_out = fd;
-  *v6_out = v6;
   fd = -1;
   rc = 0;
 out:
@@ -529,51 +930,70 @@ out:
 }
 
 int pgr_metrics_start(const char *host, int port, char *errbuf, size_t errlen) {
-  int fd = -1, v6 = 0, rc;
-  unsigned int flags =
-      MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_AUTO | MHD_USE_ERROR_LOG;
+  struct server *s = NULL;
+  int fd = -1, err = 0, rc;
 
   uv_once(&once, init_once);
-  if (daemon_ != NULL) {
+  if (server_ != NULL) {
     snprintf(errbuf, errlen, "the metrics server is already running");
     return PGR_EINVAL;
   }
   if (host == NULL || *host == '\0')
     host = "0.0.0.0";
-  rc = open_listener(host, port, &fd, &v6, errbuf, errlen);
+  rc = open_listener(host, port, &fd, errbuf, errlen);
   if (rc != 0)
-    return rc;
-  if (v6)
-    flags |= MHD_USE_IPv6;
-  daemon_ = MHD_start_daemon(
-      flags, (uint16_t)port, NULL, NULL, on_request, NULL,
-      /* First, or libmicrohttpd prints what precedes it itself. */
-      MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, NULL, MHD_OPTION_LISTEN_SOCKET,
-      (MHD_socket)fd,
-      /* A scraper needs one or two; cap what a misbehaving client can hold. */
-      MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
-      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)10, MHD_OPTION_END);
-  if (daemon_ == NULL) {
-    /*
-     * The socket is not closed here: libmicrohttpd 0.9.75 closes a socket
-     * passed with MHD_OPTION_LISTEN_SOCKET on most of its failure paths, and
-     * closing it again could close a descriptor another thread has just
-     * been given. Leaking one descriptor on a path that ends the process is
-     * the lesser harm. The reason is in the log (on_mhd_log).
-     */
-    snprintf(errbuf, errlen,
-             "libmicrohttpd could not start the HTTP server on %s:%d (see "
-             "the log)",
-             host, port);
-    return PGR_EIO;
+    goto out;
+
+  s = pgr_calloc(1, sizeof *s);
+  err = uv_loop_init(&s->loop);
+  if (err != 0) {
+    free(s); /* uv_loop_init cleans up after itself */
+    s = NULL;
+    goto out;
   }
-  return 0;
+  PGR_ASSERT(uv_tcp_init(&s->loop, &s->listener) == 0);
+  err = uv_async_init(&s->loop, &s->stop_async, on_stop);
+  if (err != 0)
+    goto out;
+  err = uv_tcp_open(&s->listener, fd);
+  if (err != 0)
+    goto out;
+  fd = -1; /* the handle owns it now */
+  err = uv_listen((uv_stream_t *)&s->listener, MAX_CONNS, on_connection);
+  if (err != 0)
+    goto out;
+  /* Everything above happens before the thread starts, so it sees it. */
+  err = uv_thread_create(&s->thread, server_main, s);
+  if (err != 0)
+    goto out;
+  server_ = s;
+  s = NULL;
+out:
+  if (err != 0) {
+    snprintf(errbuf, errlen, "cannot start the HTTP server on %s:%d: %s", host,
+             port, uv_strerror(err));
+    rc = PGR_EIO;
+  }
+  if (fd >= 0)
+    close(fd);
+  if (s != NULL)
+    discard_server(s);
+  return rc;
 }
 
 void pgr_metrics_stop(void) {
-  if (daemon_ == NULL)
+  struct server *s = server_;
+  int err;
+
+  if (s == NULL)
     return;
-  /* Joins libmicrohttpd's thread and closes the listening socket. */
-  MHD_stop_daemon(daemon_);
-  daemon_ = NULL;
+  PGR_ASSERT(uv_async_send(&s->stop_async) == 0);
+  PGR_ASSERT(uv_thread_join(&s->thread) == 0);
+  err = uv_loop_close(&s->loop);
+  if (err != 0)
+    pgr_warn("metrics http server: loop closed with handles open",
+             PGR_LS("error", uv_strerror(err)));
+  else
+    free(s); /* with handles still open, leaking beats a use after free */
+  server_ = NULL;
 }

@@ -2,7 +2,7 @@
  * metrics.h - counters for /metrics and the state behind /healthz.
  *
  * Thread: the update functions are called on the loop thread and take a
- * mutex for a few instructions; the HTTP server (libmicrohttpd's own
+ * mutex for a few instructions; the HTTP server (its own
  * thread) reads under the same mutex. Nothing here does I/O on the caller.
  */
 #ifndef PGR_METRICS_H

@@ -1,10 +1,13 @@
 /*
  * test_metrics.c - the counters and their Prometheus text (metrics.c), and
- * the real HTTP server on a loopback port, spoken to over a plain socket.
+ * the real HTTP server on a loopback port, spoken to over plain sockets:
+ * good requests, garbage, oversized heads, clients that vanish or say
+ * nothing, more connections than the cap, stop with connections open.
  *
  * Thread: Criterion runs each test in its own process, so every test starts
- * with zeroed counters and no server; the HTTP tests talk to
- * libmicrohttpd's thread from the test's thread.
+ * with zeroed counters and no server; the HTTP tests talk to the server's
+ * own thread from the test's thread (and from client threads in
+ * parallel_requests_are_all_answered).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -122,69 +125,158 @@ struct http_reply {
 static void http_reply_free(struct http_reply *r) {
   free(r->head);
   free(r->body);
+  r->head = r->body = NULL;
 }
 
 /*
- * http_request sends one request to family/addr:port over a plain socket
- * and reads the reply to EOF (the request asks to close). A receive time
- * limit only keeps a broken server from hanging the test.
+ * connect_to opens a TCP connection to family/addr:port, or returns -1. A
+ * receive time limit only keeps a broken server from hanging the test. No
+ * Criterion assertions here or below: parallel_requests calls these from
+ * threads of its own.
  */
-static int http_request(int family, const char *addr, int port,
-                        const char *method, const char *path,
-                        struct http_reply *out) {
+static int connect_to(int family, const char *addr, int port) {
   struct sockaddr_storage ss;
   socklen_t sslen;
   struct timeval tv = {.tv_sec = 30};
-  char req[512];
-  struct pgr_buf b;
-  char chunk[4096];
-  ssize_t n;
-  char *sep;
-  int fd, rc = -1;
+  int fd;
 
   memset(&ss, 0, sizeof ss);
-  memset(out, 0, sizeof *out);
   if (family == AF_INET) {
     struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
     sin->sin_family = AF_INET;
     sin->sin_port = htons((uint16_t)port);
-    cr_assert(eq(int, inet_pton(AF_INET, addr, &sin->sin_addr), 1));
+    if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1)
+      return -1;
     sslen = sizeof *sin;
   } else {
     struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
     sin6->sin6_family = AF_INET6;
     sin6->sin6_port = htons((uint16_t)port);
-    cr_assert(eq(int, inet_pton(AF_INET6, addr, &sin6->sin6_addr), 1));
+    if (inet_pton(AF_INET6, addr, &sin6->sin6_addr) != 1)
+      return -1;
     sslen = sizeof *sin6;
   }
-  fd = socket(family, SOCK_STREAM, 0);
-  cr_assert(fd >= 0);
+  fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   if (connect(fd, (struct sockaddr *)&ss, sslen) != 0) {
     close(fd);
     return -1;
   }
-  snprintf(req, sizeof req,
-           "%s %s HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
-           "Content-Length: 0\r\n\r\n",
-           method, path);
-  cr_assert(
-      eq(sz, (size_t)send(fd, req, strlen(req), MSG_NOSIGNAL), strlen(req)));
-  pgr_buf_init(&b);
-  while ((n = recv(fd, chunk, sizeof chunk, 0)) > 0)
-    pgr_buf_add(&b, chunk, (size_t)n);
+  return fd;
+}
+
+static int send_all(int fd, const char *data, size_t len) {
+  while (len > 0) {
+    ssize_t n = send(fd, data, len, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n <= 0)
+      return -1;
+    data += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+/* read_to_eof appends what fd sends until EOF: 0, or -1 on a reset or the
+ * receive time limit. */
+static int read_to_eof(int fd, struct pgr_buf *b) {
+  char chunk[4096];
+  ssize_t n;
+
+  while ((n = recv(fd, chunk, sizeof chunk, 0)) != 0) {
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0)
+      return -1;
+    pgr_buf_add(b, chunk, (size_t)n);
+  }
+  return 0;
+}
+
+/* reset_close closes fd with a TCP reset rather than a FIN. */
+static void reset_close(int fd) {
+  struct linger lg = {.l_onoff = 1, .l_linger = 0};
+  setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
   close(fd);
-  if (n < 0 || sscanf(b.data, "HTTP/1.%*d %d", &out->status) != 1)
-    goto out;
-  sep = strstr(b.data, "\r\n\r\n");
+}
+
+/* parse_reply splits a raw reply; -1 when it is not an HTTP/1.x reply. */
+static int parse_reply(const char *raw, struct http_reply *out) {
+  const char *sep;
+
+  memset(out, 0, sizeof *out);
+  if (sscanf(raw, "HTTP/1.%*d %d", &out->status) != 1)
+    return -1;
+  sep = strstr(raw, "\r\n\r\n");
   if (sep == NULL)
-    goto out;
-  out->head = pgr_strndup(b.data, (size_t)(sep - b.data) + 2);
+    return -1;
+  out->head = pgr_strndup(raw, (size_t)(sep - raw) + 2);
   out->body = pgr_strdup(sep + 4);
-  rc = 0;
+  return 0;
+}
+
+/*
+ * http_raw sends `len` bytes of `data` (half-closing after them when
+ * half_close is set), reads the reply to EOF and parses it. -1 when the
+ * server sent no whole reply.
+ */
+static int http_raw(int family, const char *addr, int port, const char *data,
+                    size_t len, int half_close, struct http_reply *out) {
+  struct pgr_buf b;
+  int fd = connect_to(family, addr, port), rc = -1;
+
+  memset(out, 0, sizeof *out);
+  if (fd < 0)
+    return -1;
+  pgr_buf_init(&b);
+  if (send_all(fd, data, len) != 0)
+    goto out;
+  if (half_close)
+    shutdown(fd, SHUT_WR);
+  if (read_to_eof(fd, &b) != 0)
+    goto out;
+  rc = parse_reply(b.data, out);
 out:
+  close(fd);
   pgr_buf_free(&b);
   return rc;
+}
+
+/* http_request sends one ordinary request and reads the reply. */
+static int http_request(int family, const char *addr, int port,
+                        const char *method, const char *path,
+                        struct http_reply *out) {
+  char req[512];
+
+  snprintf(req, sizeof req,
+           "%s %s HTTP/1.1\r\nHost: test\r\nUser-Agent: test_metrics\r\n"
+           "Accept: */*\r\n\r\n",
+           method, path);
+  return http_raw(family, addr, port, req, strlen(req), 0, out);
+}
+
+static int get_status(int port, const char *path) {
+  struct http_reply r;
+  int status;
+
+  if (http_request(AF_INET, "127.0.0.1", port, "GET", path, &r) != 0)
+    return -1;
+  status = r.status;
+  http_reply_free(&r);
+  return status;
+}
+
+/* header tells whether the reply head holds the header line `line`. */
+static int header(const struct http_reply *r, const char *line) {
+  size_t n = strlen(line);
+  for (const char *p = r->head; (p = strstr(p, line)) != NULL; p++) {
+    if (p > r->head && p[-1] == '\n' && p[n] == '\r')
+      return 1;
+  }
+  return 0;
 }
 
 /*
@@ -438,6 +530,8 @@ Test(metrics, http_serves_healthz_and_metrics) {
       int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 503), "healthz before the database is up");
   cr_expect(eq(str, r.body, "database connection down\n"));
+  cr_expect(header(&r, "Connection: close"), "head: %s", r.head);
+  cr_expect(header(&r, "Content-Length: 25"), "head: %s", r.head);
   http_reply_free(&r);
 
   pgr_metrics_set_db_up(1);
@@ -445,6 +539,8 @@ Test(metrics, http_serves_healthz_and_metrics) {
       int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 200), "healthz once the database is up");
   cr_expect(eq(str, r.body, "ok\n"));
+  cr_expect(header(&r, "Content-Type: text/plain; charset=utf-8"), "head: %s",
+            r.head);
   http_reply_free(&r);
 
   pgr_metrics_set_db_up(0);
@@ -456,12 +552,18 @@ Test(metrics, http_serves_healthz_and_metrics) {
   cr_assert(eq(
       int, http_request(AF_INET, "127.0.0.1", port, "GET", "/metrics", &r), 0));
   cr_expect(eq(int, r.status, 200));
-  cr_expect(not(eq(ptr, strstr(r.head, "text/plain; version=0.0.4"), NULL)),
-            "content type: %s", r.head);
+  cr_expect(header(&r, "Content-Type: text/plain; version=0.0.4; "
+                       "charset=utf-8"),
+            "head: %s", r.head);
   cr_expect(has_line(
       r.body,
       "pgrunner_tasks_started_total{queue=\"default\",kind=\"echo\"} 1"));
   check_exposition(r.body);
+  {
+    char want[64];
+    snprintf(want, sizeof want, "Content-Length: %zu", strlen(r.body));
+    cr_expect(header(&r, want), "want %s in: %s", want, r.head);
+  }
   http_reply_free(&r);
 
   cr_assert(eq(
@@ -473,7 +575,7 @@ Test(metrics, http_serves_healthz_and_metrics) {
                http_request(AF_INET, "127.0.0.1", port, "POST", "/metrics", &r),
                0));
   cr_expect(eq(int, r.status, 405));
-  cr_expect(not(eq(ptr, strstr(r.head, "Allow: GET"), NULL)));
+  cr_expect(header(&r, "Allow: GET, HEAD"), "head: %s", r.head);
   http_reply_free(&r);
 
   pgr_metrics_stop();
@@ -483,6 +585,346 @@ Test(metrics, http_serves_healthz_and_metrics) {
              0)),
       "nothing should listen after stop");
   pgr_metrics_stop(); /* a second stop is harmless */
+}
+
+Test(metrics, head_sends_headers_without_a_body) {
+  struct http_reply r;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+  char *t = pgr_metrics_render(), want[64];
+
+  snprintf(want, sizeof want, "Content-Length: %zu", strlen(t));
+  free(t);
+  cr_assert(eq(int,
+               http_request(AF_INET, "127.0.0.1", port, "HEAD", "/metrics", &r),
+               0));
+  cr_expect(eq(int, r.status, 200));
+  cr_expect(eq(str, r.body, ""), "HEAD must not send a body");
+  cr_expect(header(&r, want), "want %s in: %s", want, r.head);
+  http_reply_free(&r);
+
+  cr_assert(eq(int,
+               http_request(AF_INET, "127.0.0.1", port, "HEAD", "/healthz", &r),
+               0));
+  cr_expect(eq(int, r.status, 503));
+  cr_expect(eq(str, r.body, ""));
+  cr_expect(header(&r, "Content-Length: 25"), "head: %s", r.head);
+  http_reply_free(&r);
+
+  cr_assert(eq(
+      int, http_request(AF_INET, "127.0.0.1", port, "HEAD", "/nope", &r), 0));
+  cr_expect(eq(int, r.status, 404));
+  cr_expect(eq(str, r.body, ""));
+  http_reply_free(&r);
+  pgr_metrics_stop();
+}
+
+Test(metrics, request_forms_the_server_accepts) {
+  static const char *const reqs[] = {
+      /* HTTP/1.0, no headers at all */
+      "GET /healthz HTTP/1.0\r\n\r\n",
+      /* bare LF line ends */
+      "GET /healthz HTTP/1.1\nHost: x\n\n",
+      /* an empty line before the request line */
+      "\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+      /* a query string */
+      "GET /healthz?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+      /* absolute form */
+      "GET http://example.com:9187/healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+  };
+  struct http_reply r;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  pgr_metrics_set_db_up(1);
+  for (size_t i = 0; i < PGR_ARRAY_LEN(reqs); i++) {
+    cr_assert(eq(int,
+                 http_raw(AF_INET, "127.0.0.1", port, reqs[i], strlen(reqs[i]),
+                          0, &r),
+                 0),
+              "request %zu got no reply", i);
+    cr_expect(eq(int, r.status, 200), "request %zu", i);
+    cr_expect(eq(str, r.body, "ok\n"), "request %zu", i);
+    http_reply_free(&r);
+  }
+  /* A request followed by a half-close still gets its reply. */
+  cr_assert(
+      eq(int,
+         http_raw(AF_INET, "127.0.0.1", port, reqs[0], strlen(reqs[0]), 1, &r),
+         0));
+  cr_expect(eq(int, r.status, 200));
+  http_reply_free(&r);
+  pgr_metrics_stop();
+}
+
+Test(metrics, garbage_gets_an_error_and_the_server_carries_on) {
+  static const struct {
+    const char *req;
+    int status;
+  } cases[] = {
+      {"\x01\x02\xff garbage\r\n\r\n", 400},
+      {"GET\r\n\r\n", 400},
+      {"GET /metrics\r\n\r\n", 400}, /* HTTP/0.9 */
+      {"GET  /metrics HTTP/1.1\r\n\r\n", 400},
+      {"GET /met rics HTTP/1.1\r\n\r\n", 400},
+      {"GET /metrics HTTP/1.1x\r\n\r\n", 400},
+      {"GET /metrics FTP/1.1\r\n\r\n", 400},
+      {"G(T /metrics HTTP/1.1\r\n\r\n", 400},
+      {"GET /metrics HTTP/2.0\r\n\r\n", 505},
+      {"get /metrics HTTP/1.1\r\n\r\n", 405}, /* methods are case-sensitive */
+  };
+  struct http_reply r;
+  char *big;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  for (size_t i = 0; i < PGR_ARRAY_LEN(cases); i++) {
+    cr_assert(eq(int,
+                 http_raw(AF_INET, "127.0.0.1", port, cases[i].req,
+                          strlen(cases[i].req), 0, &r),
+                 0),
+              "case %zu got no reply", i);
+    cr_expect(eq(int, r.status, cases[i].status), "case %zu", i);
+    cr_expect(header(&r, "Connection: close"), "case %zu", i);
+    http_reply_free(&r);
+  }
+  /* An unfinished request line and a half-close: the server just closes. */
+  cr_expect(not(
+      eq(int, http_raw(AF_INET, "127.0.0.1", port, "garbage", 7, 1, &r), 0)));
+  http_reply_free(&r);
+
+  /* 10 KiB with no line end, then 9 KiB of headers: both past the cap. The
+   * reply arrives whole even though the server never read all of it. */
+  big = pgr_malloc(10240 + 64);
+  memset(big, 'A', 10240);
+  cr_assert(
+      eq(int, http_raw(AF_INET, "127.0.0.1", port, big, 10240, 0, &r), 0));
+  cr_expect(eq(int, r.status, 431));
+  http_reply_free(&r);
+  strcpy(big, "GET /metrics HTTP/1.1\r\nX-Long: ");
+  memset(big + strlen(big), 'b', 9216);
+  strcpy(big + 32 + 9216, "\r\n\r\n");
+  cr_assert(eq(
+      int, http_raw(AF_INET, "127.0.0.1", port, big, strlen(big), 0, &r), 0));
+  cr_expect(eq(int, r.status, 431));
+  http_reply_free(&r);
+
+  /* Random bytes, with and without a half-close: whatever the reply, the
+   * server must live on. */
+  srand(42);
+  for (int i = 0; i < 50; i++) {
+    size_t n = 1 + (size_t)rand() % 10000;
+    for (size_t k = 0; k < n; k++)
+      big[k] = (char)rand();
+    (void)http_raw(AF_INET, "127.0.0.1", port, big, n, i % 2, &r);
+    http_reply_free(&r);
+  }
+  free(big);
+  cr_expect(eq(int, get_status(port, "/healthz"), 503),
+            "the server should still answer");
+  pgr_metrics_stop();
+}
+
+Test(metrics, unread_input_does_not_cut_the_reply_short) {
+  char req[8192], kind[32], want[64];
+  struct http_reply r;
+  struct pgr_buf b;
+  int port = start_on_free_port(AF_INET, "127.0.0.1"), n, fd, rcvbuf = 4096;
+
+  /* The body is never read: the reply must not be lost to a reset. */
+  n = snprintf(req, sizeof req,
+               "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 6000\r\n"
+               "\r\n");
+  memset(req + n, 'x', 6000);
+  cr_assert(eq(
+      int, http_raw(AF_INET, "127.0.0.1", port, req, (size_t)n + 6000, 0, &r),
+      0));
+  cr_expect(eq(int, r.status, 405));
+  http_reply_free(&r);
+
+  /*
+   * Now a reply of a few MiB to a client with a small receive buffer that
+   * sends more (a pipelined request, say) once the server has finished
+   * writing, and reads late: most of the reply still sits in the server's
+   * send buffer then. Had the server closed its socket as soon as it was
+   * done writing, that input would draw a reset, and the reset would
+   * discard the unsent rest of the reply.
+   */
+  for (int i = 0; i < 1000; i++) {
+    snprintf(kind, sizeof kind, "kind_%d", i);
+    pgr_metrics_task_done("default", kind, PGR_DONE_SUCCEEDED, 0.1);
+  }
+  n = snprintf(req, sizeof req, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  fd = connect_to(AF_INET, "127.0.0.1", port);
+  cr_assert(fd >= 0);
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+  cr_assert(eq(int, send_all(fd, req, (size_t)n), 0));
+  usleep(300000); /* let the server finish writing (not an assertion) */
+  memset(req, 'x', 6000);
+  cr_assert(eq(int, send_all(fd, req, 6000), 0));
+  pgr_buf_init(&b);
+  cr_expect(eq(int, read_to_eof(fd, &b), 0),
+            "the reply should end in a FIN, not a reset");
+  close(fd);
+  cr_assert(eq(int, parse_reply(b.data, &r), 0));
+  cr_expect(eq(int, r.status, 200));
+  snprintf(want, sizeof want, "Content-Length: %zu", strlen(r.body));
+  cr_expect(header(&r, want), "body of %zu bytes, head: %s", strlen(r.body),
+            r.head);
+  cr_expect(gt(sz, strlen(r.body), (size_t)1000000));
+  http_reply_free(&r);
+  pgr_buf_free(&b);
+  pgr_metrics_stop();
+}
+
+Test(metrics, clients_that_vanish_do_no_harm) {
+  static const char full[] = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  char kind[32];
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  /* A /metrics body of a few hundred KiB, so writes are still going on
+   * when the client is gone. */
+  for (int i = 0; i < 300; i++) {
+    snprintf(kind, sizeof kind, "kind_%d", i);
+    pgr_metrics_task_started("default", kind);
+  }
+  for (int i = 0; i < 40; i++) {
+    int fd = connect_to(AF_INET, "127.0.0.1", port);
+    cr_assert(fd >= 0);
+    switch (i % 4) {
+    case 0: /* half a request, then a FIN */
+      cr_assert(eq(int, send_all(fd, full, 10), 0));
+      close(fd);
+      break;
+    case 1: /* half a request, then a reset */
+      cr_assert(eq(int, send_all(fd, full, 20), 0));
+      reset_close(fd);
+      break;
+    case 2: /* a whole request, gone before the reply: a reset */
+      cr_assert(eq(int, send_all(fd, full, strlen(full)), 0));
+      reset_close(fd);
+      break;
+    default: /* nothing at all */
+      close(fd);
+    }
+  }
+  /* The first bytes of a reply, then a reset. */
+  for (int i = 0; i < 10; i++) {
+    char buf[100];
+    int fd = connect_to(AF_INET, "127.0.0.1", port);
+    cr_assert(fd >= 0);
+    cr_assert(eq(int, send_all(fd, full, strlen(full)), 0));
+    cr_expect(gt(sz, (size_t)recv(fd, buf, sizeof buf, 0), 0));
+    reset_close(fd);
+  }
+  cr_expect(eq(int, get_status(port, "/metrics"), 200),
+            "the server should still answer");
+  pgr_metrics_stop();
+}
+
+struct client {
+  int port;
+  int ok;
+};
+
+static void *client_main(void *arg) {
+  struct client *c = arg;
+
+  for (int i = 0; i < 25; i++)
+    if (get_status(c->port, i % 2 ? "/metrics" : "/healthz") ==
+        (i % 2 ? 200 : 503))
+      c->ok++;
+  return NULL;
+}
+
+Test(metrics, parallel_requests_are_all_answered) {
+  struct client clients[16];
+  pthread_t th[16];
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  for (int i = 0; i < 16; i++) {
+    clients[i] = (struct client){.port = port};
+    cr_assert(
+        eq(int, pthread_create(&th[i], NULL, client_main, &clients[i]), 0));
+  }
+  for (int i = 0; i < 16; i++) {
+    cr_assert(eq(int, pthread_join(th[i], NULL), 0));
+    cr_expect(eq(int, clients[i].ok, 25), "client %d", i);
+  }
+  pgr_metrics_stop();
+}
+
+Test(metrics, connections_past_the_cap_are_closed) {
+  int idle[64], fd, status = -1;
+  char c;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  /* 64 connections that say nothing hold every slot... */
+  for (int i = 0; i < 64; i++) {
+    idle[i] = connect_to(AF_INET, "127.0.0.1", port);
+    cr_assert(idle[i] >= 0);
+  }
+  /* ...so the 65th is closed unanswered (an EOF or a reset)... */
+  fd = connect_to(AF_INET, "127.0.0.1", port);
+  cr_assert(fd >= 0);
+  (void)send_all(fd, "GET /healthz HTTP/1.0\r\n\r\n", 25);
+  cr_expect(le(int, (int)recv(fd, &c, 1, 0), 0),
+            "a connection past the cap should get no reply");
+  close(fd);
+  /* ...and once they go, the server answers again. The closes reach the
+   * server in their own time: wait for them, up to ~10 s. */
+  for (int i = 0; i < 64; i++)
+    close(idle[i]);
+  for (int i = 0; i < 500 && status != 503; i++) {
+    status = get_status(port, "/healthz");
+    if (status != 503)
+      usleep(20000);
+  }
+  cr_expect(eq(int, status, 503));
+  pgr_metrics_stop();
+}
+
+Test(metrics, a_silent_client_is_cut_off) {
+  char c;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+  int fd = connect_to(AF_INET, "127.0.0.1", port);
+
+  cr_assert(fd >= 0);
+  cr_assert(eq(int, send_all(fd, "GET /metrics HTTP/1.1\r\n", 23), 0));
+  /* The server's deadline (10 s) is well inside our 30 s receive limit. */
+  errno = 0;
+  cr_expect(eq(int, (int)recv(fd, &c, 1, 0), 0),
+            "the server should close an idle connection (errno %d)", errno);
+  close(fd);
+  pgr_metrics_stop();
+}
+
+Test(metrics, stop_closes_open_connections) {
+  int fds[8];
+  char c;
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  for (int i = 0; i < 8; i++) {
+    fds[i] = connect_to(AF_INET, "127.0.0.1", port);
+    cr_assert(fds[i] >= 0);
+    cr_assert(eq(int, send_all(fds[i], "GET /metrics HTTP/1.1\r\n", 23), 0));
+  }
+  /* Make sure the server has taken them all before stopping it. */
+  cr_assert(eq(int, get_status(port, "/healthz"), 503));
+  pgr_metrics_stop();
+  for (int i = 0; i < 8; i++) {
+    cr_expect(le(int, (int)recv(fds[i], &c, 1, 0), 0),
+              "stop should close connection %d", i);
+    close(fds[i]);
+  }
+}
+
+Test(metrics, a_second_start_is_refused) {
+  char err[256] = "";
+  int port = start_on_free_port(AF_INET, "127.0.0.1");
+
+  cr_expect(eq(int, pgr_metrics_start("127.0.0.1", port + 1, err, sizeof err),
+               PGR_EINVAL));
+  cr_expect(not(eq(ptr, strstr(err, "already running"), NULL)), "%s", err);
+  cr_expect(eq(int, get_status(port, "/healthz"), 503));
+  pgr_metrics_stop();
 }
 
 Test(metrics, http_serves_ipv6_loopback) {
@@ -501,17 +943,50 @@ Test(metrics, http_serves_ipv6_loopback) {
   pgr_metrics_stop();
 }
 
+Test(metrics, the_ipv6_wildcard_serves_ipv4_too) {
+  struct http_reply r;
+  int probe_port, fd = listening_socket(AF_INET6, "::1", &probe_port);
+  int port;
+
+  if (fd < 0)
+    cr_skip_test("no IPv6 loopback here");
+  close(fd);
+  port = start_on_free_port(AF_INET6, "::");
+  cr_assert(
+      eq(int, http_request(AF_INET6, "::1", port, "GET", "/metrics", &r), 0));
+  cr_expect(eq(int, r.status, 200));
+  http_reply_free(&r);
+  cr_expect(eq(int, get_status(port, "/metrics"), 200),
+            "\"::\" should accept IPv4 connections as well");
+  pgr_metrics_stop();
+}
+
+Test(metrics, localhost_means_ipv4_loopback) {
+  char err[256];
+  int port = -1;
+
+  for (int i = 0; i < 20; i++) {
+    int fd = listening_socket(AF_INET, "127.0.0.1", &port);
+    cr_assert(fd >= 0);
+    close(fd);
+    if (pgr_metrics_start("localhost", port, err, sizeof err) == 0)
+      break;
+    port = -1;
+  }
+  cr_assert(gt(int, port, 0), "could not start on localhost: %s", err);
+  cr_expect(eq(int, get_status(port, "/healthz"), 503));
+  pgr_metrics_stop();
+}
+
 Test(metrics, restart_on_the_same_port_works) {
   char err[256];
-  struct http_reply r;
   int port = start_on_free_port(AF_INET, "127.0.0.1");
 
-  cr_assert(eq(
-      int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
-  http_reply_free(&r);
+  cr_assert(eq(int, get_status(port, "/healthz"), 503));
   pgr_metrics_stop();
   cr_expect(eq(int, pgr_metrics_start("127.0.0.1", port, err, sizeof err), 0),
             "restart failed: %s", err);
+  cr_expect(eq(int, get_status(port, "/healthz"), 503));
   pgr_metrics_stop();
 }
 
@@ -531,6 +1006,7 @@ Test(metrics, a_port_in_use_fails_cleanly) {
   close(fd);
   cr_expect(eq(int, pgr_metrics_start("127.0.0.1", port, err, sizeof err), 0),
             "start after the port was freed failed: %s", err);
+  cr_expect(eq(int, get_status(port, "/healthz"), 503));
   pgr_metrics_stop();
 }
 
