@@ -282,15 +282,16 @@ static void free_queues(struct pgr_queue_cfg *q, size_t n) {
   free(q);
 }
 
-int pgr_parse_queues(const char *s, struct pgr_queue_cfg **out, size_t *n,
-                     char *errbuf, size_t errlen) {
+int pgr_parse_queues(const char *s, const char *src,
+                     struct pgr_queue_cfg **out, size_t *n, char *errbuf,
+                     size_t errlen) {
   struct pgr_queue_cfg *qs = NULL;
   size_t count = 0;
   const char *p = s;
   int rc = 0;
 
   if (s == NULL || *s == '\0') {
-    rc = usage_error(errbuf, errlen, "--queues: empty list");
+    rc = usage_error(errbuf, errlen, "%s: empty list", src);
     goto out;
   }
   for (;;) {
@@ -301,32 +302,32 @@ int pgr_parse_queues(const char *s, struct pgr_queue_cfg **out, size_t *n,
     int64_t cap = 0;
 
     if (!valid_queue_name(p, nlen)) {
-      rc = usage_error(errbuf, errlen, "--queues: invalid queue name \"%.*s\"",
-                       (int)nlen, p);
+      rc = usage_error(errbuf, errlen, "%s: invalid queue name \"%.*s\"",
+                       src, (int)nlen, p);
       goto out;
     }
     if (colon) {
       char num[32];
       size_t clen = len - nlen - 1;
       if (clen == 0 || clen >= sizeof num) {
-        rc = usage_error(errbuf, errlen, "--queues: invalid cap for \"%.*s\"",
-                         (int)nlen, p);
+        rc = usage_error(errbuf, errlen, "%s: invalid cap for \"%.*s\"",
+                         src, (int)nlen, p);
         goto out;
       }
       memcpy(num, colon + 1, clen);
       num[clen] = '\0';
       if (pgr_parse_int(num, 1, 100000, &cap) != 0) {
         rc = usage_error(errbuf, errlen,
-                         "--queues: cap \"%s\" for \"%.*s\" is not a whole "
+                         "%s: cap \"%s\" for \"%.*s\" is not a whole "
                          "number from 1 to 100000",
-                         num, (int)nlen, p);
+                         src, num, (int)nlen, p);
         goto out;
       }
     }
     for (size_t i = 0; i < count; i++) {
       if (strlen(qs[i].name) == nlen && memcmp(qs[i].name, p, nlen) == 0) {
-        rc = usage_error(errbuf, errlen, "--queues: queue \"%.*s\" is listed "
-                         "twice", (int)nlen, p);
+        rc = usage_error(errbuf, errlen, "%s: queue \"%.*s\" is listed "
+                         "twice", src, (int)nlen, p);
         goto out;
       }
     }
@@ -458,7 +459,7 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
   case OPT_QUEUES: {
     struct pgr_queue_cfg *qs;
     size_t nq;
-    int rc = pgr_parse_queues(val, &qs, &nq, errbuf, errlen);
+    int rc = pgr_parse_queues(val, src, &qs, &nq, errbuf, errlen);
     if (rc != 0)
       return rc;
     free_queues(cfg->queues, cfg->nqueues);

@@ -108,8 +108,10 @@ const char *pgr_config_usage(enum pgr_command cmd);
 
 /* Parsers shared with the unit tests. */
 PGR_MUSTCHECK int pgr_parse_duration(const char *s, int64_t *out_seconds);
-PGR_MUSTCHECK int pgr_parse_queues(const char *s, struct pgr_queue_cfg **out,
-                                   size_t *n, char *errbuf, size_t errlen);
+/* `src` names the option or variable in messages ("--queues"). */
+PGR_MUSTCHECK int pgr_parse_queues(const char *s, const char *src,
+                                   struct pgr_queue_cfg **out, size_t *n,
+                                   char *errbuf, size_t errlen);
 PGR_MUSTCHECK int pgr_parse_int(const char *s, int64_t min, int64_t max,
                                 int64_t *out);
 PGR_MUSTCHECK int pgr_valid_kind(const char *kind);

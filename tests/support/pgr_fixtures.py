@@ -267,3 +267,186 @@ def wait_until(pred, timeout=30.0, interval=0.02, what="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+# --- fault injection (used by tests/integration/test_faults.py) -------------
+
+
+@pytest.fixture
+def own_pg():
+    """A private PostgreSQL server for one test, for tests that restart,
+    stop or reconfigure it (the session-wide `pg` is shared)."""
+    server = PgServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def restart_pg(server, mode="fast"):
+    """Restart a PgServer (`pg_ctl restart -m MODE -w`)."""
+    server.pg_ctl("restart", "-m", mode, "-w", "-t", "60")
+
+
+def new_db(server, migrate=True):
+    """Create a fresh database on `server` (migrated unless told not to)
+    and return a Db for it. The server's removal takes it away."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = server.connect()
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    d = Db(server, name)
+    if migrate:
+        r = run_pgrunner(["migrate", "--db", d.dsn])
+        assert r.returncode == 0, r.stderr
+    return d
+
+
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of one upstream address, whose
+    connections a test can cut (both sides closed at once, as when a
+    network path dies), freeze (bytes stop flowing, nothing is closed) and
+    which can refuse new connections for a while."""
+
+    def __init__(self, upstream_host, upstream_port):
+        import threading
+        self.upstream = (upstream_host, upstream_port)
+        self.lock = threading.Lock()
+        self.pairs = []
+        self.refusing = False
+        self.frozen = False
+        self.accepted = 0
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        import threading
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            if self.refusing or self.closed:
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            pair = (client, server)
+            with self.lock:
+                self.pairs.append(pair)
+                self.accepted += 1
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b, pair),
+                                 daemon=True).start()
+
+    def _pump(self, src, dst, pair):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                # Frozen: hold what arrived (the sender's writes succeed,
+                # nothing reaches the other side) until thawed or cut.
+                while self.frozen and pair in self.pairs:
+                    time.sleep(0.01)
+                dst.sendall(data)
+        except OSError:
+            pass
+        self._close_pair(pair)
+
+    def _close_pair(self, pair):
+        with self.lock:
+            if pair in self.pairs:
+                self.pairs.remove(pair)
+        for s in pair:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def connections(self):
+        with self.lock:
+            return len(self.pairs)
+
+    def cut(self):
+        """Close every open connection, both ways; return how many."""
+        with self.lock:
+            pairs = list(self.pairs)
+        for p in pairs:
+            self._close_pair(p)
+        return len(pairs)
+
+    def freeze(self, on=True):
+        """While on, bytes are read from both sides but not passed on: a
+        network path that went silent without closing."""
+        self.frozen = on
+
+    def refuse(self, on=True):
+        """While on, accept and at once close new connections."""
+        self.refusing = on
+
+    def close(self):
+        self.closed = True
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        self.cut()
+
+
+@pytest.fixture
+def tcp_proxy():
+    """Factory: tcp_proxy(host, port) -> TcpProxy; all closed afterwards."""
+    made = []
+
+    def make(host, port):
+        p = TcpProxy(host, port)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+@pytest.fixture(scope="module")
+def module_mdb(pg):
+    """One migrated database shared by the tests of a module that leave it
+    as they found it (creating a database per test is slow on a busy
+    machine). Dropped at the end of the module."""
+    name = "t_mod_" + uuid.uuid4().hex[:10]
+    admin = pg.connect()
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    d = Db(pg, name)
+    try:
+        r = run_pgrunner(["migrate", "--db", d.dsn])
+        assert r.returncode == 0, r.stderr
+        yield d
+    finally:
+        d.close()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

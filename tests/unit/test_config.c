@@ -94,7 +94,7 @@ Test(config, queues_with_caps) {
   struct pgr_queue_cfg *q;
   size_t n;
   char err[256];
-  cr_assert(eq(int, pgr_parse_queues("mail:2,default,bulk:10", &q, &n, err,
+  cr_assert(eq(int, pgr_parse_queues("mail:2,default,bulk:10", "--queues", &q, &n, err,
                                      sizeof err), 0), "%s", err);
   cr_assert(eq(sz, n, 3));
   cr_expect(eq(str, q[0].name, "mail"));
@@ -104,9 +104,9 @@ Test(config, queues_with_caps) {
   for (size_t i = 0; i < n; i++)
     free(q[i].name);
   free(q);
-  cr_expect(eq(int, pgr_parse_queues("a:", &q, &n, err, sizeof err),
+  cr_expect(eq(int, pgr_parse_queues("a:", "--queues", &q, &n, err, sizeof err),
                PGR_EUSAGE));
-  cr_expect(eq(int, pgr_parse_queues("a b", &q, &n, err, sizeof err),
+  cr_expect(eq(int, pgr_parse_queues("a b", "PGRUNNER_QUEUES", &q, &n, err, sizeof err),
                PGR_EUSAGE));
 }
 

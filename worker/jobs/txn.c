@@ -28,8 +28,6 @@
 #include "jobs/internal.h"
 #include "log.h"
 
-#define ERRLEN 4096
-
 enum attempt_result {
   A_OK = 0,
   A_RETRY,     /* handler failed, retryable */
@@ -40,7 +38,7 @@ enum attempt_result {
 
 struct attempt {
   enum attempt_result r;
-  char msg[ERRLEN];
+  char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
 };
 
 static const char mark_sql[] =
@@ -56,19 +54,57 @@ static const char finish_sql[] =
 static const char check_sql[] =
     "SELECT state, attempts, worker_id FROM pgrunner.tasks WHERE id = $1";
 
-/* Keep last_error printable: control characters other than newline and tab
-   become spaces, and invalid UTF-8 would be refused by the server. */
-static void printable(char *s) {
-  for (unsigned char *p = (unsigned char *)s; *p; p++)
-    if ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f)
-      *p = ' ';
+/* Length of the valid UTF-8 sequence at p, or 0 if it is not one. */
+static size_t utf8_len(const unsigned char *p) {
+  size_t n;
+  if (p[0] < 0x80)
+    return 1;
+  if (p[0] >= 0xc2 && p[0] <= 0xdf)
+    n = 2;
+  else if (p[0] >= 0xe0 && p[0] <= 0xef)
+    n = 3;
+  else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+    n = 4;
+  else
+    return 0;
+  for (size_t i = 1; i < n; i++)
+    if ((p[i] & 0xc0) != 0x80)
+      return 0;
+  return n;
+}
+
+/* last_error is kept whole and printable: control characters other than
+   newline and tab become spaces, and bytes that are not UTF-8 (which the
+   server would refuse, losing the record) become '?'. */
+static char *printable(const char *msg) {
+  struct pgr_buf b;
+  const unsigned char *p = (const unsigned char *)(msg ? msg : "");
+  pgr_buf_init(&b);
+  while (*p) {
+    size_t n = utf8_len(p);
+    if (n == 0) {
+      pgr_buf_addc(&b, '?');
+      p++;
+    } else if (n == 1 && ((*p < 0x20 && *p != '\n' && *p != '\t') ||
+                          *p == 0x7f)) {
+      pgr_buf_addc(&b, ' ');
+      p++;
+    } else {
+      pgr_buf_add(&b, (const char *)p, n);
+      p += n;
+    }
+  }
+  /* A message ends without the trailing newline libpq adds. */
+  while (b.len > 0 && (b.data[b.len - 1] == '\n' || b.data[b.len - 1] == ' '))
+    b.data[--b.len] = '\0';
+  return b.data;
 }
 
 static void set_msg(struct attempt *a, enum attempt_result r,
                     const char *msg) {
   a->r = r;
-  snprintf(a->msg, sizeof a->msg, "%s", msg ? msg : "");
-  printable(a->msg);
+  free(a->msg);
+  a->msg = printable(msg);
 }
 
 static const char *sqlstate_of(const PGresult *res) {
@@ -406,6 +442,7 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c,
   snprintf(id, sizeof id, "%lld", (long long)c->id);
   snprintf(att, sizeof att, "%d", c->attempt);
   snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  int fallback = 0;
   for (;;) {
     PGresult *res = PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL,
                                    NULL, 0);
@@ -433,6 +470,14 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c,
     if (PQstatus(s->conn) != CONNECTION_BAD) {
       pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
                 PGR_LS("error", err));
+      /* Never leave the task running under a live worker (recovery would
+         not touch it): record the failure with a message the server
+         cannot refuse. */
+      if (fallback++ == 0) {
+        params[4] = "the failure message could not be stored; see the "
+                    "worker's log";
+        continue;
+      }
       c->done = PGR_DONE_LOST;
       return;
     }
@@ -489,7 +534,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
 
   PGR_ASSERT_OFF_LOOP();
   a.r = A_OK;
-  a.msg[0] = '\0';
+  a.msg = pgr_strdup("");
   c->started_us = pgr_now_us();
   pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
            PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
@@ -563,4 +608,5 @@ out:
   c->finished_us = pgr_now_us();
   log_end(c);
   free(call_sql);
+  free(a.msg);
 }
