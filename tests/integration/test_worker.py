@@ -153,7 +153,9 @@ def test_sql_function_job_commits_its_writes(mdb, workers):
     wait_until(lambda: count(mdb, "state = 'succeeded'") == 2, timeout=60,
                what="the psql task to succeed")
     assert sorted(mdb.query("SELECT v FROM t")) == [("hello",), ("psql",)]
-    assert log_lines(w, "task succeeded", tid)
+    # The log line is written asynchronously, after the commit.
+    wait_until(lambda: log_lines(w, "task succeeded", tid),
+               what="the task succeeded log line")
     assert w.stop() == 0
 
 
@@ -170,6 +172,9 @@ def test_failing_job_rolls_back_and_retries_then_fails(mdb, workers):
     assert r["last_error"] == "boom"
     assert r["finished_at"] is not None
     assert mdb.scalar("SELECT count(*) FROM t") == 0
+    # Log lines are written asynchronously, after the commit.
+    wait_until(lambda: log_lines(w, "task failed", tid),
+               what="the task failed log line")
     out = w.output().splitlines()
     retry = [i for i, ln in enumerate(out) if 'msg="task retry scheduled"' in ln
              and re.search(rf"\stask={tid}(\s|$)", ln)]
@@ -249,7 +254,9 @@ def test_unknown_kind_fails_at_once(mdb, workers):
     r = row(mdb, tid)
     assert r["attempts"] == 1
     assert r["last_error"] == 'no handler for kind "nope"'
-    assert log_lines(w, "task failed", tid)
+    # The log line is written asynchronously, after the commit.
+    wait_until(lambda: log_lines(w, "task failed", tid),
+               what="the task failed log line")
     assert not log_lines(w, "task retry scheduled", tid)
     assert w.stop() == 0
 
@@ -501,7 +508,9 @@ def test_sigterm_lets_the_running_task_finish(mdb, workers):
     r = row(mdb, tid)
     assert r["state"] == "succeeded" and r["attempts"] == 1
     assert mdb.query("SELECT v FROM t") == [("written",)]
-    assert log_lines(w, "task succeeded", tid)
+    # The log line is written asynchronously, after the commit.
+    wait_until(lambda: log_lines(w, "task succeeded", tid),
+               what="the task succeeded log line")
 
 
 def test_sigterm_with_shutdown_timeout_interrupts_and_requeues(mdb, workers):
