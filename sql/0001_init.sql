@@ -349,6 +349,13 @@ BEGIN
     RAISE EXCEPTION 'pgrunner: attempt % of task % is no longer this worker''s',
       attempt, task USING ERRCODE = 'PR001';
   END IF;
+  -- A cancel that arrived while the task waited for a thread (or before the
+  -- worker knew it had the task) is honoured here, before the handler runs.
+  IF EXISTS (SELECT 1 FROM pgrunner.cancel_requests c WHERE c.task_id = task)
+  THEN
+    RAISE EXCEPTION 'pgrunner: task % was cancelled', task
+      USING ERRCODE = 'PR003';
+  END IF;
 END
 $$;
 

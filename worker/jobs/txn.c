@@ -34,6 +34,7 @@ enum attempt_result {
   A_PERMANENT, /* handler failed for good */
   A_LOST,      /* the attempt is no longer ours */
   A_CONNLOST,  /* the connection dropped: outcome to be found out */
+  A_CANCELLED, /* a cancel request was found before the handler ran */
 };
 
 struct attempt {
@@ -47,7 +48,8 @@ static const char noop_sql[] =
     "UPDATE pgrunner.tasks SET state = 'succeeded', finished_at = now(),"
     " last_error = NULL "
     "WHERE id = $1::bigint AND state = 'running' AND attempts = $2::int"
-    " AND worker_id = $3::bigint";
+    " AND worker_id = $3::bigint AND NOT EXISTS (SELECT 1 FROM"
+    " pgrunner.cancel_requests c WHERE c.task_id = $1::bigint)";
 static const char finish_sql[] =
     "SELECT new_state, run_at_ms FROM pgrunner.finish_attempt($1::bigint,"
     " $2::int, $3::bigint, $4, $5)";
@@ -285,6 +287,8 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   }
   if (strcmp(state, "PR001") == 0 && failed == step_mark) {
     a->r = A_LOST;
+  } else if (strcmp(state, "PR003") == 0 && failed == step_mark) {
+    a->r = A_CANCELLED;
   } else if (failed == step_call && strcmp(state, "42883") == 0) {
     /* Is it our function that is missing, or something it calls? */
     char q[512];
@@ -332,7 +336,9 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
   PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL,
                                  0);
   if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-    a->r = strcmp(PQcmdTuples(res), "1") == 0 ? A_OK : A_LOST;
+    /* No row: not ours any more, or cancelled; finish_attempt() tells
+       which (it records nothing for an attempt that is not ours). */
+    a->r = strcmp(PQcmdTuples(res), "1") == 0 ? A_OK : A_CANCELLED;
   } else if (PQstatus(s->conn) == CONNECTION_BAD) {
     a->r = A_CONNLOST;
   } else {
@@ -580,6 +586,10 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
     break;
   case A_LOST:
     c->done = PGR_DONE_LOST;
+    break;
+  case A_CANCELLED:
+    msg = "cancelled";
+    finish(s, c, "cancel", msg);
     break;
   case A_RETRY:
   case A_PERMANENT:
