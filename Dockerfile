@@ -10,6 +10,7 @@
 #
 # BASE_IMAGE is any Debian 12 image; tests/stack/run.sh passes a locally
 # built one when no image registry can be reached.
+#
 # dpkg's --force-unsafe-io below: a layer is committed whole, so syncing each
 # unpacked file only slows the build.
 ARG BASE_IMAGE=debian:bookworm-slim
@@ -19,7 +20,7 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       -o Dpkg::Options::=--force-unsafe-io \
       cmake make gcc libc6-dev pkgconf \
-      libpq-dev libuv1-dev libesmtp-dev libjansson-dev libmicrohttpd-dev \
+      libpq-dev libuv1-dev libesmtp-dev libjansson-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt ./
@@ -38,7 +39,7 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       -o Dpkg::Options::=--force-unsafe-io \
-      libpq5 libuv1 libesmtp6 libjansson4 libmicrohttpd12 \
+      libpq5 libuv1 libesmtp6 libjansson4 libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /nonexistent \
       --no-create-home --shell /usr/sbin/nologin pgrunner \
@@ -65,7 +66,6 @@ COPY --from=build /out/usr/local/ /usr/local/
 ENV PGRUNNER_METRICS_LISTEN=0.0.0.0:9187
 EXPOSE 9187
 USER 10001:10001
-WORKDIR /tmp
 # SIGTERM: stop claiming, let running tasks finish (--shutdown-timeout,
 # 30 s by default; give `docker stop` a longer -t), exit 0.
 STOPSIGNAL SIGTERM
