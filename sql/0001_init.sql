@@ -41,8 +41,12 @@ CREATE TABLE pgrunner.tasks (
 CREATE INDEX tasks_claim_idx ON pgrunner.tasks (queue, priority, run_at, id)
   WHERE state = 'queued';
 -- The earliest future run_at of a queue, for the worker's wake-up timer.
+-- The extra "attempts >= 0" (always true, see the CHECK) keeps the claim
+-- from using this index: with stale statistics after a bulk insert the
+-- planner would otherwise pick it, fetch every due task and sort them all,
+-- where tasks_claim_idx reads the first few in order.
 CREATE INDEX tasks_run_at_idx ON pgrunner.tasks (queue, run_at)
-  WHERE state = 'queued';
+  WHERE state = 'queued' AND attempts >= 0;
 -- At most one queued-or-running task per key.
 CREATE UNIQUE INDEX tasks_key_idx ON pgrunner.tasks (key)
   WHERE key IS NOT NULL AND state IN ('queued', 'running');

@@ -54,6 +54,7 @@ static const char claim_sql[] =
     "       ceil(extract(epoch FROM (SELECT min(t.run_at)"
     "                                  FROM pgrunner.tasks t"
     "                                 WHERE t.state = 'queued'"
+    "                                   AND t.attempts >= 0"
     "                                   AND t.queue = ANY($2::text[])"
     "                                   AND t.run_at > now()) - now())"
     "            * 1000)";
@@ -307,8 +308,15 @@ void pgr_listener_on_up(struct pgr_pgconn *c) {
 
 static void setup_session(struct pgr_loop *l) {
   struct pgr_pgconn *c = &l->pg;
-  if (pgr_pgconn_query(c, "LISTEN pgrunner; LISTEN pgrunner_cancel", 0, NULL,
-                       on_setup, l) != 0 ||
+  /* What this connection commits is never a promise to a user: a claim
+     lost in a server crash leaves the task queued, a lost heartbeat or
+     recovery is redone a second later, and a task's own success commits on
+     its worker thread's connection, durably, flushing our earlier records
+     with it. So these commits need not wait for their own WAL flush. */
+  if (pgr_pgconn_query(c,
+                       "SET synchronous_commit = off; "
+                       "LISTEN pgrunner; LISTEN pgrunner_cancel",
+                       0, NULL, on_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_heartbeat", heartbeat_sql, on_setup, l) != 0)
     return;
