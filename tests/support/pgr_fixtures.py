@@ -174,8 +174,9 @@ def db(pg):
         admin.close()
 
 
-def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
-    """Run the real binary to completion; return CompletedProcess (text)."""
+def pgrunner_env(env=None):
+    """The test's environment without any pgrunner configuration of the
+    caller's, plus `env`."""
     e = dict(os.environ)
     for k in list(e):
         if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
@@ -183,6 +184,12 @@ def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
     e.pop("DATABASE_URL", None)
     if env:
         e.update(env)
+    return e
+
+
+def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
+    """Run the real binary to completion; return CompletedProcess (text)."""
+    e = pgrunner_env(env)
     return subprocess.run([pgrunner_bin()] + list(args), env=e,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, check=check, timeout=timeout, input=input)
@@ -200,13 +207,7 @@ class Worker:
     """A running `pgrunner work` process."""
 
     def __init__(self, db, args, env, log_path):
-        e = dict(os.environ)
-        for k in list(e):
-            if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
-                del e[k]
-        e.pop("DATABASE_URL", None)
-        if env:
-            e.update(env)
+        e = pgrunner_env(env)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
@@ -373,14 +374,18 @@ class TcpProxy:
         self._close_pair(pair)
 
     def _close_pair(self, pair):
-        with self.lock:
-            if pair in self.pairs:
-                self.pairs.remove(pair)
+        # Shut both sockets down before the pair leaves the list: a pump
+        # holding data while frozen leaves its wait when the pair is gone,
+        # and its send must then fail, not get through.
         for s in pair:
             try:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        with self.lock:
+            if pair in self.pairs:
+                self.pairs.remove(pair)
+        for s in pair:
             try:
                 s.close()
             except OSError:
