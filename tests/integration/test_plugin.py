@@ -6,15 +6,17 @@ import os
 
 import pytest
 
-from pgr_fixtures import run_pgrunner, wait_until
+from pgr_fixtures import pgrunner_bin, run_pgrunner, wait_until
 
 
 def plugin_path():
     p = os.environ.get("PGR_EXAMPLE_PLUGIN")
     if p:
         return p
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    found = glob.glob(os.path.join(root, "build*", "tests", "example_plugin.so"))
+    # The plugin of the same build as the binary (a sanitizer build's plugin
+    # does not load into a plain binary).
+    found = glob.glob(os.path.join(os.path.dirname(pgrunner_bin()), "tests",
+                                   "example_plugin.so"))
     assert found, "build the project first (example_plugin.so)"
     return found[0]
 
