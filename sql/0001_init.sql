@@ -309,6 +309,39 @@ BEGIN
 END
 $$;
 
+-- release_unknown: when a worker (re)registers after its loop connection
+-- came back, it gives back the tasks recorded as running under its id that
+-- it does not know of: a claim that committed while its answer was lost
+-- with the connection. Those attempts never started, so they are not spent.
+-- Rows still locked (an attempt running on a worker thread) are skipped.
+CREATE FUNCTION pgrunner.release_unknown(worker bigint, known bigint[])
+RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  n int;
+BEGIN
+  WITH lost AS (
+    SELECT t.id FROM pgrunner.tasks t
+     WHERE t.worker_id = worker AND t.state = 'running'
+       AND t.id <> ALL (coalesce(known, '{}'))
+     FOR UPDATE SKIP LOCKED
+  ), back AS (
+    UPDATE pgrunner.tasks t
+       SET state = 'queued', attempts = greatest(t.attempts - 1, 0),
+           worker_id = NULL, run_at = now(), started_at = NULL
+      FROM lost WHERE t.id = lost.id
+    RETURNING t.queue
+  )
+  SELECT count(*) INTO n FROM back;
+  IF n > 0 THEN
+    PERFORM pg_notify('pgrunner', q.queue)
+       FROM (SELECT DISTINCT t.queue FROM pgrunner.tasks t
+              WHERE t.state = 'queued' AND t.run_at <= now()) q;
+  END IF;
+  RETURN n;
+END
+$$;
+
 -- prune: delete succeeded tasks older than the retention, a bounded batch at
 -- a time so no call holds many locks. Returns how many went.
 CREATE FUNCTION pgrunner.prune(retention interval, batch int DEFAULT 10000)

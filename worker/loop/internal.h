@@ -48,6 +48,8 @@ struct pgr_loop {
   int *queue_running; /* per cfg->queues index */
 
   int registered;     /* heartbeat succeeded on the current connection */
+  int releasing;      /* release_unknown in flight */
+  unsigned ticks;     /* heartbeat timer ticks */
   int claiming;       /* a claim query is in flight */
   int claim_asked;    /* how many it asked for */
   int more;           /* work may be waiting: claim when a slot frees */

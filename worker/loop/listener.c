@@ -166,7 +166,7 @@ void pgr_listener_claim(struct pgr_loop *l) {
 
   if (l->shutting_down || !l->registered || !pgr_pgconn_ready(&l->pg))
     return;
-  if (l->claiming) {
+  if (l->claiming || l->releasing) {
     l->more = 1;
     return;
   }
@@ -211,6 +211,8 @@ void pgr_listener_claim(struct pgr_loop *l) {
   pgr_buf_free(&limits);
 }
 
+static void release_unknown(struct pgr_loop *l);
+
 static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
   (void)pc;
@@ -226,13 +228,67 @@ static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   if (recovered > 0)
     pgr_warn("recovered tasks of dead workers",
              PGR_LI("tasks", recovered));
-  if (!l->registered) {
-    l->registered = 1;
-    l->more = 1;
-    pgr_info("worker registered", PGR_LS("worker", l->appname),
-             PGR_LI("concurrency", l->cfg->concurrency));
-    pgr_listener_claim(l);
+  if (!l->registered && !l->releasing)
+    release_unknown(l);
+}
+
+static void on_released(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  l->releasing = 0;
+  if (res == NULL)
+    return;
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("cannot release unknown tasks", PGR_LS("error", m ? m : "?"));
+    return; /* the next heartbeat tries again */
   }
+  int n = atoi(PQgetvalue(res, 0, 0));
+  if (n > 0)
+    pgr_warn("gave back tasks whose claim was lost with the connection",
+             PGR_LI("tasks", n));
+  if (l->registered) {
+    if (l->more)
+      pgr_listener_claim(l);
+    return;
+  }
+  l->registered = 1;
+  l->more = 1;
+  pgr_info("worker registered", PGR_LS("worker", l->appname),
+           PGR_LI("concurrency", l->cfg->concurrency));
+  pgr_listener_claim(l);
+}
+
+/*
+ * Before the first claim on a connection, and every few seconds after: a
+ * claim may have committed while its answer was lost with the previous
+ * connection (the server may even commit it after we reconnected, when the
+ * old session finds out it is orphaned); those tasks are ours in the table
+ * but unknown to us, and recovery will not touch them (we are alive). Give
+ * back every running task of ours that we do not hold. Only sent while no
+ * claim is queued or in flight (and claims wait for it), so everything we
+ * do hold is in l->inflight.
+ */
+static void release_unknown(struct pgr_loop *l) {
+  struct pgr_buf known;
+  char wid[32];
+  int first = 1;
+
+  pgr_buf_init(&known);
+  pgr_buf_addc(&known, '{');
+  for (struct pgr_claim *c = l->inflight; c; c = c->prev) {
+    pgr_buf_printf(&known, first ? "%lld" : ",%lld", (long long)c->id);
+    first = 0;
+  }
+  pgr_buf_addc(&known, '}');
+  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
+  const char *params[2] = {wid, known.data};
+  if (pgr_pgconn_query(&l->pg,
+                       "SELECT pgrunner.release_unknown($1::bigint,"
+                       " $2::bigint[])",
+                       2, params, on_released, l) == 0)
+    l->releasing = 1;
+  pgr_buf_free(&known);
 }
 
 void pgr_listener_heartbeat(struct pgr_loop *l) {
@@ -326,6 +382,7 @@ static void setup_session(struct pgr_loop *l) {
 void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
   struct pgr_loop *l = loop_of(c);
   l->registered = 0;
+  l->releasing = 0;
   l->claiming = 0;
   l->heartbeat_busy = 0;
   l->prune_busy = 0;
@@ -356,9 +413,15 @@ static void on_poll_timer(uv_timer_t *t) {
   pgr_listener_claim(l);
 }
 
+#define RELEASE_EVERY_TICKS 5
+
 static void on_heartbeat_timer(uv_timer_t *t) {
-  pgr_listener_heartbeat(pgr_container_of(t, struct pgr_loop,
-                                          heartbeat_timer));
+  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
+  pgr_listener_heartbeat(l);
+  if (++l->ticks % RELEASE_EVERY_TICKS == 0 && l->registered &&
+      !l->claiming && !l->releasing && !l->shutting_down &&
+      pgr_pgconn_ready(&l->pg))
+    release_unknown(l);
 }
 
 static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
