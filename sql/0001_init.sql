@@ -227,6 +227,17 @@ BEGIN
 END
 $$;
 
+-- wake: tell idle workers of these queues that tasks are waiting.
+CREATE FUNCTION pgrunner.wake(queues text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  -- plpgsql, not sql: a sql function returning void may stop after the
+  -- first row of its last SELECT.
+  PERFORM pg_notify('pgrunner', q) FROM unnest(queues) AS q
+    WHERE q IS NOT NULL;
+END
+$$;
+
 -- recover: forget dead workers and give their running tasks back.
 --
 -- A worker is dead when no session carries its application_name (kill -9
@@ -242,6 +253,7 @@ CREATE FUNCTION pgrunner.recover() RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
   n int;
+  woken text[];
 BEGIN
   PERFORM pg_terminate_backend(a.pid)
      FROM pg_stat_activity a
@@ -278,13 +290,9 @@ BEGIN
      WHERE t.id = o.id
     RETURNING t.queue, t.state
   )
-  SELECT count(*) INTO n FROM fixed;
-
-  IF n > 0 THEN
-    PERFORM pg_notify('pgrunner', q.queue)
-       FROM (SELECT DISTINCT t.queue FROM pgrunner.tasks t
-              WHERE t.state = 'queued' AND t.run_at <= now()) q;
-  END IF;
+  SELECT count(*), array_agg(DISTINCT f.queue) FILTER (WHERE f.state = 'queued')
+    INTO n, woken FROM fixed f;
+  PERFORM pgrunner.wake(woken);
   RETURN n;
 END
 $$;
@@ -319,6 +327,7 @@ RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
   n int;
+  woken text[];
 BEGIN
   WITH lost AS (
     SELECT t.id FROM pgrunner.tasks t
@@ -332,12 +341,8 @@ BEGIN
       FROM lost WHERE t.id = lost.id
     RETURNING t.queue
   )
-  SELECT count(*) INTO n FROM back;
-  IF n > 0 THEN
-    PERFORM pg_notify('pgrunner', q.queue)
-       FROM (SELECT DISTINCT t.queue FROM pgrunner.tasks t
-              WHERE t.state = 'queued' AND t.run_at <= now()) q;
-  END IF;
+  SELECT count(*), array_agg(DISTINCT b.queue) INTO n, woken FROM back b;
+  PERFORM pgrunner.wake(woken);
   RETURN n;
 END
 $$;
