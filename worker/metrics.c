@@ -319,6 +319,7 @@ char *pgr_metrics_render(void) {
   size_t n = 0, cap = 0;
   int run, up;
   uint64_t dropped = pgr_log_dropped();
+  uint64_t rejected = pgr_log_rejected();
   struct pgr_buf b;
 
   uv_once(&once, init_once);
@@ -386,6 +387,11 @@ char *pgr_metrics_render(void) {
              "Debug log records dropped because the log queue was full.");
   pgr_buf_printf(&b, "pgrunner_log_records_dropped_total %llu\n",
                  (unsigned long long)dropped);
+  add_header(&b, "pgrunner_log_lines_rejected_total", "counter",
+             "Lines other processes sent to the log socket that were not "
+             "valid records (garbage, overlong, cut off).");
+  pgr_buf_printf(&b, "pgrunner_log_lines_rejected_total %llu\n",
+                 (unsigned long long)rejected);
   add_header(&b, "pgrunner_build_info", "gauge",
              "Always 1; the labels name the build.");
   pgr_buf_adds(&b, "pgrunner_build_info{version=\"");

@@ -137,8 +137,10 @@ int pgr_txn_connect(struct pgr_slot *s) {
       return PGR_ECONN;
     if (pgr_db_connect(p->cfg->db, p->appname, &conn, err, sizeof err) == 0)
       break;
-    pgr_warn("worker connection failed; retrying", PGR_LI("thread", s->index),
-             PGR_LS("error", err), PGR_LI("retry_ms", backoff));
+    /* Every thread retries; one of them speaks for all at warn. */
+    pgr_log(s->index == 0 ? PGR_LEVEL_WARN : PGR_LEVEL_DEBUG,
+            "worker connection failed; retrying", PGR_LI("thread", s->index),
+            PGR_LS("error", err), PGR_LI("retry_ms", backoff));
     uv_sleep((unsigned)backoff);
     backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
   }
