@@ -20,7 +20,8 @@ import uuid
 import psycopg2
 import pytest
 
-from pgr_fixtures import ROOT, pgrunner_bin, run_pgrunner, wait_until
+from pgr_fixtures import (ROOT, add_task, pgrunner_bin, run_pgrunner,
+                          wait_until)
 
 SECRET = "SeCrEt123"
 
@@ -55,17 +56,6 @@ def task(db, tid):
 
 def ntasks(db):
     return db.scalar("SELECT count(*) FROM pgrunner.tasks")
-
-
-def add_task(db, kind, **kw):
-    """SELECT pgrunner.add_task(kind, name => value, ...)."""
-    args = ["%s"]
-    vals = [kind]
-    for k, v in kw.items():
-        cast = {"payload": "::jsonb", "run_at": "::timestamptz"}.get(k, "")
-        args.append(f"{k} => %s{cast}")
-        vals.append(json.dumps(v) if k == "payload" else v)
-    return db.scalar(f"SELECT pgrunner.add_task({', '.join(args)})", vals)
 
 
 # --- migrate ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from datetime import datetime
 
 import pytest
 
-from pgr_fixtures import run_pgrunner, wait_until
+from pgr_fixtures import add_task as add, run_pgrunner, wait_until
 
 # --- helpers ----------------------------------------------------------------
 
@@ -29,17 +29,6 @@ def mkfunc(db, name, body, schema="pgrunner_jobs", declare=""):
     """CREATE FUNCTION schema.name(payload jsonb) RETURNS void in plpgsql."""
     db.query(f"CREATE FUNCTION {schema}.{name}(payload jsonb) RETURNS void"
              f" LANGUAGE plpgsql AS $f$ {declare} BEGIN {body} END $f$")
-
-
-def add(db, kind, **kw):
-    """SELECT pgrunner.add_task(kind, name => value, ...)."""
-    args = ["%s"]
-    vals = [kind]
-    for k, v in kw.items():
-        cast = {"payload": "::jsonb", "run_at": "::timestamptz"}.get(k, "")
-        args.append(f"{k} => %s{cast}")
-        vals.append(json.dumps(v) if k == "payload" else v)
-    return db.scalar(f"SELECT pgrunner.add_task({', '.join(args)})", vals)
 
 
 def row(db, tid):

@@ -7,6 +7,7 @@ directory, a free port on 127.0.0.1; as root the server runs as the
 whatever the outcome.
 """
 
+import json
 import os
 import pwd
 import shutil
@@ -106,14 +107,19 @@ class PgServer:
         return c
 
 
-@pytest.fixture(scope="session")
-def pg():
+def _running_server():
+    """Start a private server, hand it out, and always remove it."""
     server = PgServer()
     try:
         server.start()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg():
+    yield from _running_server()
 
 
 class Db:
@@ -157,21 +163,43 @@ class Db:
             self._conn.close()
 
 
+def create_db(server):
+    """Create a fresh, empty database on `server`; return a Db for it."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = server.connect()
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    return Db(server, name)
+
+
 @pytest.fixture
 def db(pg):
     """A fresh, empty (not migrated) database."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = pg.connect()
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    d = Db(pg, name)
+    d = create_db(pg)
     try:
         yield d
     finally:
         d.close()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        admin = pg.connect()
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{d.name}" WITH (FORCE)')
+        finally:
+            admin.close()
+
+
+def add_task(db, kind, **kw):
+    """SELECT pgrunner.add_task(kind, name => value, ...); returns the id."""
+    args = ["%s"]
+    vals = [kind]
+    for k, v in kw.items():
+        cast = {"payload": "::jsonb", "run_at": "::timestamptz"}.get(k, "")
+        args.append(f"{k} => %s{cast}")
+        vals.append(json.dumps(v) if k == "payload" else v)
+    return db.scalar(f"SELECT pgrunner.add_task({', '.join(args)})", vals)
 
 
 def pgrunner_env(env=None):
@@ -277,12 +305,7 @@ def wait_until(pred, timeout=30.0, interval=0.02, what="condition"):
 def own_pg():
     """A private PostgreSQL server for one test, for tests that restart,
     stop or reconfigure it (the session-wide `pg` is shared)."""
-    server = PgServer()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _running_server()
 
 
 def restart_pg(server, mode="fast"):
@@ -293,14 +316,7 @@ def restart_pg(server, mode="fast"):
 def new_db(server, migrate=True):
     """Create a fresh database on `server` (migrated unless told not to)
     and return a Db for it. The server's removal takes it away."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = server.connect()
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        admin.close()
-    d = Db(server, name)
+    d = create_db(server)
     if migrate:
         r = run_pgrunner(["migrate", "--db", d.dsn])
         assert r.returncode == 0, r.stderr

@@ -24,9 +24,6 @@
 
 void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c) {
   c->claimed_us = pgr_now_us();
-  c->prev = NULL;
-  /* The in-flight list links through prev/next only while the loop holds
-     the claim; `next` is reused by the pool's queues, so keep our own. */
   l->ninflight++;
   if (c->queue_index >= 0)
     l->queue_running[c->queue_index]++;
@@ -35,8 +32,8 @@ void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c) {
   if (!uv_is_active((uv_handle_t *)&l->watchdog_timer))
     uv_timer_start(&l->watchdog_timer, pgr_dispatch_on_watchdog,
                    WATCHDOG_EVERY_MS, WATCHDOG_EVERY_MS);
-  /* Track by id in a small array-free way: an intrusive list through
-     `prev`, newest first. */
+  /* The in-flight list links through `prev`, newest first: `next` belongs
+     to the pool's queues while a thread holds the claim. */
   c->prev = l->inflight;
   l->inflight = c;
   pgr_pool_submit(l->pool, c);
