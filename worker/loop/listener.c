@@ -368,9 +368,14 @@ static void setup_session(struct pgr_loop *l) {
      lost in a server crash leaves the task queued, a lost heartbeat or
      recovery is redone a second later, and a task's own success commits on
      its worker thread's connection, durably, flushing our earlier records
-     with it. So these commits need not wait for their own WAL flush. */
+     with it. So these commits need not wait for their own WAL flush.
+     Only our own statements run here, and each has one good plan whatever
+     its parameters, so the claim is planned once instead of at every call
+     (its array parameters otherwise keep the planner on custom plans, which
+     cost more CPU than the claim itself). */
   if (pgr_pgconn_query(c,
                        "SET synchronous_commit = off; "
+                       "SET plan_cache_mode = force_generic_plan; "
                        "LISTEN pgrunner; LISTEN pgrunner_cancel",
                        0, NULL, on_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0 ||
