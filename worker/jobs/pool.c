@@ -123,8 +123,12 @@ void pgr_pool_submit(struct pgr_pool *p, struct pgr_claim *c) {
   else
     p->q_head = c;
   p->q_tail = c;
-  uv_cond_signal(&p->cv);
   uv_mutex_unlock(&p->mu);
+  /* Signalled after unlocking: a thread woken while we still held the
+     mutex would only go back to sleep on it (two more context switches per
+     hand-off, seen in strace). Every waiter re-checks the queue under the
+     mutex, so no wake-up is lost. */
+  uv_cond_signal(&p->cv);
 }
 
 struct pgr_claim *pgr_pool_take_done(struct pgr_pool *p) {
