@@ -107,8 +107,7 @@ int pgr_pool_create(const struct pgr_config *cfg,
   for (i = 0; i < p->nslots; i++) {
     p->slots[i].pool = p;
     p->slots[i].index = i;
-    if (uv_thread_create(&p->slots[i].thread, worker_main, &p->slots[i]) !=
-        0)
+    if (uv_thread_create(&p->slots[i].thread, worker_main, &p->slots[i]) != 0)
       pgr_fatal(__FILE__, __LINE__, "cannot start worker thread %d", i);
   }
   *out = p;
@@ -140,8 +139,7 @@ struct pgr_claim *pgr_pool_take_done(struct pgr_pool *p) {
   return list;
 }
 
-int pgr_pool_interrupt(struct pgr_pool *p, int64_t id,
-                       enum pgr_interrupt why) {
+int pgr_pool_interrupt(struct pgr_pool *p, int64_t id, enum pgr_interrupt why) {
   int pid = 0;
   uv_mutex_lock(&p->mu);
   for (int i = 0; i < p->nslots; i++) {

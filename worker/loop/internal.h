@@ -20,6 +20,9 @@
 
 /* Claimed attempts per thread: running plus waiting in the pool's queue. */
 #define PGR_CLAIM_FACTOR 2
+/* Smallest claim worth a round trip while all threads are busy. */
+#define PGR_CLAIM_MIN_BATCH(concurrency)                                       \
+  ((concurrency) / 2 > 0 ? (concurrency) / 2 : 1)
 
 struct pgr_loop {
   const struct pgr_config *cfg;
@@ -47,12 +50,12 @@ struct pgr_loop {
   int ninflight;
   int *queue_running; /* per cfg->queues index */
 
-  int registered;     /* heartbeat succeeded on the current connection */
-  int releasing;      /* release_unknown in flight */
-  unsigned ticks;     /* heartbeat timer ticks */
-  int claiming;       /* a claim query is in flight */
-  int claim_asked;    /* how many it asked for */
-  int more;           /* work may be waiting: claim when a slot frees */
+  int registered;  /* heartbeat succeeded on the current connection */
+  int releasing;   /* release_unknown in flight */
+  unsigned ticks;  /* heartbeat timer ticks */
+  int claiming;    /* a claim query is in flight */
+  int claim_asked; /* how many it asked for */
+  int more;        /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int prune_busy;
   int shutting_down;

@@ -175,6 +175,15 @@ void pgr_listener_claim(struct pgr_loop *l) {
   free_slots = PGR_CLAIM_FACTOR * cfg->concurrency - l->ninflight;
   if (free_slots <= 0)
     return;
+  /* While every thread is busy and more tasks wait in their queue, a claim
+     for one or two slots is mostly overhead (a statement and a commit for a
+     row or two); wait until half a thread-count's worth is free. Threads
+     never go idle for it: they still hold a full batch. */
+  if (l->ninflight >= cfg->concurrency &&
+      free_slots < PGR_CLAIM_MIN_BATCH(cfg->concurrency)) {
+    l->more = 1;
+    return;
+  }
 
   pgr_buf_init(&names);
   pgr_buf_init(&limits);
@@ -203,8 +212,7 @@ void pgr_listener_claim(struct pgr_loop *l) {
     snprintf(total, sizeof total, "%d", free_slots);
     l->more = 0;
     l->claim_asked = free_slots;
-    if (pgr_pgconn_execute(&l->pg, "pgr_claim", 4, params, on_claimed, l) ==
-        0)
+    if (pgr_pgconn_execute(&l->pg, "pgr_claim", 4, params, on_claimed, l) == 0)
       l->claiming = 1;
   }
   pgr_buf_free(&names);
@@ -226,8 +234,7 @@ static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
   int recovered = atoi(PQgetvalue(res, 0, 0));
   if (recovered > 0)
-    pgr_warn("recovered tasks of dead workers",
-             PGR_LI("tasks", recovered));
+    pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", recovered));
   if (!l->registered && !l->releasing)
     release_unknown(l);
 }
@@ -303,16 +310,15 @@ void pgr_listener_heartbeat(struct pgr_loop *l) {
   snprintf(pid, sizeof pid, "%d", (int)getpid());
   snprintf(conc, sizeof conc, "%d", l->cfg->concurrency);
   const char *params[6] = {wid, l->appname, l->hostname, pid, qs.data, conc};
-  if (pgr_pgconn_execute(&l->pg, "pgr_heartbeat", 6, params, on_heartbeat,
-                         l) == 0)
+  if (pgr_pgconn_execute(&l->pg, "pgr_heartbeat", 6, params, on_heartbeat, l) ==
+      0)
     l->heartbeat_busy = 1;
   pgr_buf_free(&qs);
 }
 
 static void setup_session(struct pgr_loop *l);
 
-static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res,
-                              void *arg) {
+static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
   (void)pc;
   if (res == NULL)
@@ -423,9 +429,8 @@ static void on_poll_timer(uv_timer_t *t) {
 static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
   pgr_listener_heartbeat(l);
-  if (++l->ticks % RELEASE_EVERY_TICKS == 0 && l->registered &&
-      !l->claiming && !l->releasing && !l->shutting_down &&
-      pgr_pgconn_ready(&l->pg))
+  if (++l->ticks % RELEASE_EVERY_TICKS == 0 && l->registered && !l->claiming &&
+      !l->releasing && !l->shutting_down && pgr_pgconn_ready(&l->pg))
     release_unknown(l);
 }
 
