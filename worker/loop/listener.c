@@ -368,6 +368,17 @@ void pgr_listener_on_up(struct pgr_pgconn *c) {
     pgr_debug("connection dropped before the schema check");
 }
 
+/* A setting we can do without (plan_cache_mode is PostgreSQL 12+). */
+static void on_optional_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  (void)pc;
+  (void)arg;
+  if (res && PQresultStatus(res) != PGRES_COMMAND_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_debug("optional session setting refused",
+              PGR_LS("error", m ? m : "unknown error"));
+  }
+}
+
 static void setup_session(struct pgr_loop *l) {
   struct pgr_pgconn *c = &l->pg;
   /* What this connection commits is never a promise to a user: a claim
@@ -381,9 +392,10 @@ static void setup_session(struct pgr_loop *l) {
      cost more CPU than the claim itself). */
   if (pgr_pgconn_query(c,
                        "SET synchronous_commit = off; "
-                       "SET plan_cache_mode = force_generic_plan; "
                        "LISTEN pgrunner; LISTEN pgrunner_cancel",
                        0, NULL, on_setup, l) != 0 ||
+      pgr_pgconn_query(c, "SET plan_cache_mode = force_generic_plan", 0, NULL,
+                       on_optional_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_heartbeat", heartbeat_sql, on_setup, l) != 0)
     return;
