@@ -18,16 +18,6 @@ static void trim(char *s) {
     s[--l] = '\0';
 }
 
-/* Server notices (CREATE ... IF NOT EXISTS chatter) go to the debug log,
-   not raw to stderr. */
-static void on_notice(void *arg, const char *msg) {
-  (void)arg;
-  char m[512];
-  snprintf(m, sizeof m, "%s", msg);
-  trim(m);
-  pgr_debug("server notice", PGR_LS("notice", m));
-}
-
 int pgr_db_connect(const char *conninfo, const char *appname, PGconn **out,
                    char *errbuf, size_t errlen) {
   struct pgr_conninfo ci;
@@ -54,7 +44,7 @@ int pgr_db_connect(const char *conninfo, const char *appname, PGconn **out,
     rc = PGR_ECONN;
     goto out;
   }
-  PQsetNoticeProcessor(conn, on_notice, NULL);
+  PQsetNoticeProcessor(conn, pgr_log_pq_notice, NULL);
   *out = conn;
 out:
   pgr_conninfo_free(&ci);
@@ -62,19 +52,18 @@ out:
 }
 
 int pgr_db_schema_missing(const char *sqlstate) {
-  return sqlstate && (strcmp(sqlstate, "3F000") == 0 ||
-                      strcmp(sqlstate, "42P01") == 0 ||
-                      strcmp(sqlstate, "42883") == 0);
+  return sqlstate &&
+         (strcmp(sqlstate, "3F000") == 0 || strcmp(sqlstate, "42P01") == 0 ||
+          strcmp(sqlstate, "42883") == 0);
 }
 
 void pgr_db_describe_error(const PGresult *res, PGconn *conn, char *buf,
                            size_t len) {
-  const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
-                            : NULL;
-  const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL)
-                           : NULL;
-  const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT)
-                         : NULL;
+  const char *primary =
+      res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+  const char *detail =
+      res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
+  const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
   const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
   char tmp[1024];
 
@@ -85,8 +74,10 @@ void pgr_db_describe_error(const PGresult *res, PGconn *conn, char *buf,
     primary = tmp;
   }
   if (pgr_db_schema_missing(state) && strstr(primary, "pgrunner")) {
-    snprintf(buf, len, "%s (the pgrunner schema is missing or out of date: "
-             "run `pgrunner migrate`)", primary);
+    snprintf(buf, len,
+             "%s (the pgrunner schema is missing or out of date: "
+             "run `pgrunner migrate`)",
+             primary);
     return;
   }
   snprintf(buf, len, "%s%s%s%s%s", primary, detail ? " DETAIL: " : "",
@@ -103,9 +94,9 @@ PGresult *pgr_db_exec(PGconn *conn, const char *sql, int nparams,
   if (sqlstate)
     sqlstate[0] = '\0';
   /* No parameters: the simple protocol, which runs several statements. */
-  res = nparams == 0 ? PQexec(conn, sql)
-                     : PQexecParams(conn, sql, nparams, NULL, params, NULL,
-                                    NULL, 0);
+  res = nparams == 0
+            ? PQexec(conn, sql)
+            : PQexecParams(conn, sql, nparams, NULL, params, NULL, NULL, 0);
   st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
   if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK)
     return res;
@@ -119,8 +110,7 @@ PGresult *pgr_db_exec(PGconn *conn, const char *sql, int nparams,
   return NULL;
 }
 
-int pgr_db_command(PGconn *conn, const char *sql, char *errbuf,
-                   size_t errlen) {
+int pgr_db_command(PGconn *conn, const char *sql, char *errbuf, size_t errlen) {
   PGresult *res = pgr_db_exec(conn, sql, 0, NULL, errbuf, errlen, NULL);
   if (res == NULL)
     return PGR_EDB;

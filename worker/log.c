@@ -989,3 +989,14 @@ void pgr_log_reopen(void) {
   }
   uv_mutex_unlock(&mu);
 }
+
+void pgr_log_pq_notice(void *arg, const char *msg) {
+  char m[512];
+  size_t n;
+  (void)arg;
+  snprintf(m, sizeof m, "%s", msg ? msg : "");
+  n = strlen(m);
+  while (n > 0 && (m[n - 1] == '\n' || m[n - 1] == ' ' || m[n - 1] == '\r'))
+    m[--n] = '\0';
+  pgr_debug("server notice", PGR_LS("notice", m));
+}

@@ -63,12 +63,12 @@ struct pgr_log_field {
   { .key = (k), .type = PGR_LF_DBL, .v.d = (double)(x) }
 
 struct pgr_log_options {
-  const char *proc;          /* "worker", "add", "migrate", ... */
-  enum pgr_level level;      /* records below this are discarded */
+  const char *proc;     /* "worker", "add", "migrate", ... */
+  enum pgr_level level; /* records below this are discarded */
   enum pgr_log_format format;
-  const char *dir;           /* NULL: stderr only */
-  int serve;                 /* 1 (worker): own the file and the socket */
-  int quiet_stderr;          /* 1: do not copy records to stderr */
+  const char *dir;  /* NULL: stderr only */
+  int serve;        /* 1 (worker): own the file and the socket */
+  int quiet_stderr; /* 1: do not copy records to stderr */
 };
 
 PGR_MUSTCHECK int pgr_log_start(const struct pgr_log_options *opts);
@@ -109,5 +109,10 @@ uint64_t pgr_log_rejected(void);
 #define pgr_info(msg, ...) pgr_log(PGR_LEVEL_INFO, msg, ##__VA_ARGS__)
 #define pgr_warn(msg, ...) pgr_log(PGR_LEVEL_WARN, msg, ##__VA_ARGS__)
 #define pgr_error(msg, ...) pgr_log(PGR_LEVEL_ERROR, msg, ##__VA_ARGS__)
+
+/* A libpq notice processor (PQsetNoticeProcessor): server notices, and
+   the FATAL a server sends to an idle session it is about to close, go to
+   the debug log rather than raw to stderr. Any thread. */
+void pgr_log_pq_notice(void *arg, const char *msg);
 
 #endif /* PGR_LOG_H */

@@ -332,6 +332,32 @@ def test_postgres_restart_under_load_loses_and_doubles_nothing(own_pg, fw,
     stop_ok(w)
 
 
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_restart_while_idle_spends_no_attempt(own_pg, fw, mode):
+    """Every worker thread holds a connection the restart killed while it
+    was idle. The first task each thread takes afterwards must run on a new
+    connection, not fail on the dead one: with max_attempts=1 a spent
+    attempt would leave the task failed."""
+    db = jobs(new_db(own_pg))
+    conc = 4
+    w = fw(db, "--concurrency", str(conc), "--poll-interval", "200")
+    _, name = registered(db, w)
+    wait(db, lambda: db.scalar("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE application_name = %s", (name,))
+         == conc + 1, "the loop and every thread to connect", w)
+    restart_pg(own_pg, mode)
+    db.close()  # the old session died with the server
+    ids = [add(db, "slow", {"k": f"r{i}", "sleep": 0.2}, max_attempts=1)
+           for i in range(2 * conc)]
+    for tid in ids:
+        t = finished(db, tid, w, timeout=90)
+        assert t["state"] == "succeeded" and t["attempts"] == 1, \
+            (t, w.output()[-4000:])
+    assert db.scalar("SELECT count(*) FROM pgrunner_jobs.done") == 2 * conc
+    assert "database connection lost during a task" not in w.output()
+    stop_ok(w)
+
+
 # --- 3. time limits ----------------------------------------------------------
 
 

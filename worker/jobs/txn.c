@@ -20,6 +20,7 @@
  * and otherwise the attempt is recorded as failed, so a task is neither lost
  * nor completed twice.
  */
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,8 +88,8 @@ static char *printable(const char *msg) {
     if (n == 0) {
       pgr_buf_addc(&b, '?');
       p++;
-    } else if (n == 1 && ((*p < 0x20 && *p != '\n' && *p != '\t') ||
-                          *p == 0x7f)) {
+    } else if (n == 1 &&
+               ((*p < 0x20 && *p != '\n' && *p != '\t') || *p == 0x7f)) {
       pgr_buf_addc(&b, ' ');
       p++;
     } else {
@@ -102,8 +103,7 @@ static char *printable(const char *msg) {
   return b.data;
 }
 
-static void set_msg(struct attempt *a, enum attempt_result r,
-                    const char *msg) {
+static void set_msg(struct attempt *a, enum attempt_result r, const char *msg) {
   a->r = r;
   free(a->msg);
   a->msg = printable(msg);
@@ -154,8 +154,8 @@ int pgr_txn_connect(struct pgr_slot *s) {
            (long long)p->cfg->task_timeout_s * 1000);
   if (pgr_db_command(conn, set, err, sizeof err) != 0)
     pgr_warn("cannot set statement_timeout", PGR_LS("error", err));
-  (void)pgr_db_command(conn, "SET client_connection_check_interval = 1000",
-                       err, sizeof err);
+  (void)pgr_db_command(conn, "SET client_connection_check_interval = 1000", err,
+                       sizeof err);
 
   static const struct {
     const char *name, *sql;
@@ -261,8 +261,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     goto broken;
   step_mark = n++;
   if (call_sql) {
-    if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL,
-                           0))
+    if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL, 0))
       goto broken;
     step_call = n++;
   }
@@ -335,8 +334,7 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
   snprintf(att, sizeof att, "%d", c->attempt);
   snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
 
-  PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL,
-                                 0);
+  PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL, 0);
   if (PQresultStatus(res) == PGRES_COMMAND_OK) {
     /* No row: not ours any more, or cancelled; finish_attempt() tells
        which (it records nothing for an attempt that is not ours). */
@@ -403,8 +401,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     set_msg(a, o == PGR_PERMANENT ? A_PERMANENT : A_RETRY,
             jp.error ? jp.error : "handler failed");
   }
-  if (command(s->conn, "ROLLBACK") != 0 &&
-      PQstatus(s->conn) == CONNECTION_BAD)
+  if (command(s->conn, "ROLLBACK") != 0 && PQstatus(s->conn) == CONNECTION_BAD)
     a->r = A_CONNLOST;
 out:
   free(jp.error);
@@ -420,11 +417,10 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
   for (;;) {
     if (pgr_txn_connect(s) != 0)
       return A_LOST; /* stopping: recovery will see to the task */
-    PGresult *res = PQexecPrepared(s->conn, "pgr_check", 1, params, NULL,
-                                   NULL, 0);
+    PGresult *res =
+        PQexecPrepared(s->conn, "pgr_check", 1, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
-      if (PQntuples(res) == 1 &&
-          atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
+      if (PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
           atoll(PQgetvalue(res, 0, 2)) == c->worker_id) {
         const char *st = PQgetvalue(res, 0, 0);
         if (strcmp(st, "succeeded") == 0)
@@ -442,8 +438,8 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
 }
 
 /* Record a failed attempt; sets c->done and c->retry_at_ms. */
-static void finish(struct pgr_slot *s, struct pgr_claim *c,
-                   const char *outcome, const char *error) {
+static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
+                   const char *error) {
   char id[32], att[16], wid[32];
   const char *params[5] = {id, att, wid, outcome, error};
 
@@ -452,8 +448,8 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c,
   snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
   int fallback = 0;
   for (;;) {
-    PGresult *res = PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL,
-                                   NULL, 0);
+    PGresult *res =
+        PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 0) {
         c->done = PGR_DONE_LOST;
@@ -534,6 +530,31 @@ static void log_end(const struct pgr_claim *c) {
   }
 }
 
+/*
+ * Is this idle connection still there? A server that restarted (or
+ * terminated the session) while the thread waited has closed the socket,
+ * which then reads as end-of-file. Finding that out now, without a round
+ * trip, means the attempt starts on a fresh connection instead of being
+ * spent on a dead one. A peer that vanished without closing (a cut cable)
+ * is only found when the attempt uses the connection, as before.
+ */
+static int conn_alive(PGconn *conn) {
+  if (conn == NULL || PQstatus(conn) != CONNECTION_OK)
+    return 0;
+  /* Usually nothing is waiting. Otherwise it is the end of the stream,
+     often after a FATAL message (libpq reads the two in separate calls),
+     or a harmless message such as a parameter change: read until the
+     socket is quiet or libpq reports the connection closed. */
+  for (int i = 0; i < 4; i++) {
+    struct pollfd pfd = {.fd = PQsocket(conn), .events = POLLIN};
+    if (poll(&pfd, 1, 0) == 0)
+      return 1;
+    if (PQconsumeInput(conn) == 0 || PQstatus(conn) != CONNECTION_OK)
+      return 0;
+  }
+  return 1;
+}
+
 void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
   struct pgr_pool *p = s->pool;
   struct attempt a;
@@ -547,8 +568,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
   pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
            PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
 
-  if ((s->conn == NULL || PQstatus(s->conn) != CONNECTION_OK) &&
-      pgr_txn_connect(s) != 0) {
+  if (!conn_alive(s->conn) && pgr_txn_connect(s) != 0) {
     c->done = PGR_DONE_LOST;
     goto out;
   }

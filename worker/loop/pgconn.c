@@ -144,6 +144,7 @@ static void start_connect(struct pgr_pgconn *c) {
     connect_failed(c, "out of memory");
     return;
   }
+  PQsetNoticeProcessor(c->conn, pgr_log_pq_notice, NULL);
   if (PQstatus(c->conn) == CONNECTION_BAD) {
     connect_failed(c, PQerrorMessage(c->conn));
     return;
@@ -191,8 +192,8 @@ static void begin(struct pgr_pgconn *c) {
     hints.ai_socktype = SOCK_STREAM;
     c->state = PGR_PGC_RESOLVING;
     c->gai.data = c;
-    if (uv_getaddrinfo(c->loop, &c->gai, on_resolved, c->host, NULL,
-                       &hints) != 0) {
+    if (uv_getaddrinfo(c->loop, &c->gai, on_resolved, c->host, NULL, &hints) !=
+        0) {
       connect_failed(c, "cannot start the host name lookup");
       return;
     }
@@ -213,9 +214,8 @@ static int is_numeric_host(const char *h) {
   return inet_pton(AF_INET, h, buf) == 1 || inet_pton(AF_INET6, h, buf) == 1;
 }
 
-int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c,
-                    const char *conninfo, const char *appname, char *errbuf,
-                    size_t errlen) {
+int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c, const char *conninfo,
+                    const char *appname, char *errbuf, size_t errlen) {
   int rc;
   memset(c, 0, sizeof *c);
   c->loop = loop;
@@ -325,8 +325,8 @@ int pgr_pgconn_query(struct pgr_pgconn *c, const char *sql, int nparams,
   return enqueue(c, CMD_QUERY, NULL, sql, nparams, params, cb, arg);
 }
 
-int pgr_pgconn_prepare(struct pgr_pgconn *c, const char *name,
-                       const char *sql, pgr_pgconn_result_cb cb, void *arg) {
+int pgr_pgconn_prepare(struct pgr_pgconn *c, const char *name, const char *sql,
+                       pgr_pgconn_result_cb cb, void *arg) {
   return enqueue(c, CMD_PREPARE, name, sql, 0, NULL, cb, arg);
 }
 
@@ -391,8 +391,7 @@ static void on_readable(struct pgr_pgconn *c) {
     PGresult *res = PQgetResult(c->conn);
     if (res != NULL) {
       /* Keep the first error, else the last result. */
-      if (c->result == NULL ||
-          PQresultStatus(c->result) != PGRES_FATAL_ERROR) {
+      if (c->result == NULL || PQresultStatus(c->result) != PGRES_FATAL_ERROR) {
         PQclear(c->result);
         c->result = res;
       } else {
@@ -481,8 +480,8 @@ static void on_poll(uv_poll_t *h, int status, int events) {
 }
 
 static void on_timer_closed(uv_handle_t *h) {
-  struct pgr_pgconn *c = pgr_container_of((uv_timer_t *)h, struct pgr_pgconn,
-                                          timer);
+  struct pgr_pgconn *c =
+      pgr_container_of((uv_timer_t *)h, struct pgr_pgconn, timer);
   if (--c->pending_closes == 0 && c->close_cb)
     c->close_cb(c);
 }
