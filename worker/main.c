@@ -17,6 +17,7 @@
 
 #include "cli/cli.h"
 #include "config.h"
+#include "jobs/email_msg.h"
 #include "log.h"
 #include "loop/loop.h"
 
@@ -80,6 +81,12 @@ int main(int argc, char **argv) {
     fputs(pgr_config_usage(cfg.command), stdout);
     pgr_config_free(&cfg);
     return 0;
+  }
+  if (cfg.command == PGR_CMD_WORK &&
+      pgr_email_check_config(&cfg.smtp, err, sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: %s\n", err);
+    pgr_config_free(&cfg);
+    return 2;
   }
   if (cfg.command == PGR_CMD_WORK)
     reexec_without_gnutls_init(argv);

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pgr_fixtures import wait_until
+from pgr_fixtures import run_pgrunner, wait_until
 
 MAIL_FROM = "pgrunner@example.org"
 MSGID_DOMAIN = "test.example"
@@ -321,3 +321,24 @@ def test_bad_payloads_fail_with_the_reason(mdb, smtp, workers, payload,
     assert t["state"] == "failed" and t["attempts"] == 1, t
     assert reason in t["last_error"], t
     assert smtp.messages() == [], "the task finished without a connection"
+
+
+@pytest.mark.parametrize("var,value,reason", [
+    ("PGRUNNER_SMTP_HOST", "mail.example.com:2525", "PGRUNNER_SMTP_PORT"),
+    ("PGRUNNER_SMTP_HELO", "not a domain", "is not a domain name"),
+    ("PGRUNNER_MESSAGE_ID_DOMAIN", "bad_domain!", "is not a domain name"),
+    ("PGRUNNER_MAIL_FROM", "not-an-address", "not a valid email address"),
+    ("PGRUNNER_MAIL_FROM", "a@example.com\r\nBcc: x@example.com", "CR or LF"),
+    ("PGRUNNER_SMTP_PASSWORD", "Sekr3t" * 50, "longer than 255 bytes"),
+])
+def test_bad_smtp_settings_are_refused_at_start(mdb, var, value, reason):
+    """A typo in the SMTP settings stops the worker at once with a one-line
+    reason (exit 2) instead of failing every email task later."""
+    env = {"PGRUNNER_SMTP_HOST": "127.0.0.1", var: value}
+    r = run_pgrunner(["work", "--db", mdb.dsn], env=env, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and var in lines[0] and reason in lines[0], \
+        r.stderr
+    assert "Sekr3t" not in r.stderr
+    assert mdb.scalar("SELECT count(*) FROM pgrunner.workers") == 0

@@ -8,6 +8,7 @@
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -827,4 +828,53 @@ Test(email_handler, retries_when_the_server_is_unreachable) {
   struct fake_job f;
   cr_expect(eq(int, run_handler(&f, "{\"to\": \"a@example.com\"}"), PGR_RETRY));
   cr_expect(strstr(f.failed, "Connection refused") != NULL, "%s", f.failed);
+}
+
+/* The SMTP settings are checked once at start (pgr_email_check_config). */
+Test(email_config, accepts_good_settings_and_unset_ones) {
+  struct pgr_smtp_config c = {0};
+  char err[256] = "";
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
+            err);
+  c.host = "mail.example.com";
+  c.helo_domain = "worker-1.example.com";
+  c.message_id_domain = "example.com";
+  c.mail_from = "Ops Team <ops@example.com>";
+  c.user = "mailer";
+  c.password = "secret";
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
+            err);
+  c.host = "192.0.2.7";
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
+            err);
+}
+
+Test(email_config, refuses_each_bad_setting_naming_it) {
+  static char long_secret[300];
+  memset(long_secret, 'p', sizeof long_secret - 1);
+  const struct {
+    size_t off;
+    const char *value, *expect;
+  } cases[] = {
+      {offsetof(struct pgr_smtp_config, host), "mail:25", "PGRUNNER_SMTP_HOST"},
+      {offsetof(struct pgr_smtp_config, host), "a b", "PGRUNNER_SMTP_HOST"},
+      {offsetof(struct pgr_smtp_config, helo_domain), "-bad-.example",
+       "PGRUNNER_SMTP_HELO"},
+      {offsetof(struct pgr_smtp_config, message_id_domain), "x\r\ny",
+       "PGRUNNER_MESSAGE_ID_DOMAIN"},
+      {offsetof(struct pgr_smtp_config, mail_from), "nobody",
+       "PGRUNNER_MAIL_FROM"},
+      {offsetof(struct pgr_smtp_config, password), long_secret,
+       "PGRUNNER_SMTP_PASSWORD"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    struct pgr_smtp_config c = {0};
+    char err[256] = "";
+    *(const char **)((char *)&c + cases[i].off) = cases[i].value;
+    cr_assert(ne(int, pgr_email_check_config(&c, err, sizeof err), 0),
+              "case %zu accepted", i);
+    cr_assert(ne(ptr, strstr(err, cases[i].expect), NULL), "case %zu: %s", i,
+              err);
+    cr_assert(eq(ptr, strstr(err, "ppppp"), NULL), "password shown: %s", err);
+  }
 }

@@ -15,6 +15,8 @@
  */
 #include "jobs/email_msg.h"
 
+#include "config.h"
+
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1019,4 +1021,44 @@ void pgr_email_free(struct pgr_email *m) {
   free(m->message_id);
   pgr_buf_free(&m->data);
   memset(m, 0, sizeof *m);
+}
+
+int pgr_email_check_config(const struct pgr_smtp_config *cfg, char *errbuf,
+                           size_t errlen) {
+  char sh[96];
+  char *name = NULL, *addr = NULL;
+
+  if (cfg->host != NULL && *cfg->host != '\0') {
+    for (const unsigned char *p = (const unsigned char *)cfg->host; *p; p++)
+      if (*p <= ' ' || *p == 0x7f || *p == ':' || *p == '/' || *p == '@')
+        return bad(errbuf, errlen,
+                   "PGRUNNER_SMTP_HOST: \"%s\" is not a host name or "
+                   "address (the port goes in PGRUNNER_SMTP_PORT)",
+                   shown(cfg->host, sh, sizeof sh));
+  }
+  if (cfg->helo_domain != NULL && *cfg->helo_domain != '\0' &&
+      !valid_domain(cfg->helo_domain, strlen(cfg->helo_domain)))
+    return bad(errbuf, errlen,
+               "PGRUNNER_SMTP_HELO: \"%s\" is not a domain name",
+               shown(cfg->helo_domain, sh, sizeof sh));
+  if (cfg->message_id_domain != NULL && *cfg->message_id_domain != '\0' &&
+      !valid_domain(cfg->message_id_domain, strlen(cfg->message_id_domain)))
+    return bad(errbuf, errlen,
+               "PGRUNNER_MESSAGE_ID_DOMAIN: \"%s\" is not a domain "
+               "name",
+               shown(cfg->message_id_domain, sh, sizeof sh));
+  if (cfg->mail_from != NULL && *cfg->mail_from != '\0') {
+    char why[256];
+    if (pgr_email_parse_mailbox(cfg->mail_from, &name, &addr, why,
+                                sizeof why) != 0)
+      return bad(errbuf, errlen, "PGRUNNER_MAIL_FROM: %s", why);
+    free(name);
+    free(addr);
+  }
+  if (cfg->user != NULL && strlen(cfg->user) > 255)
+    return bad(errbuf, errlen, "PGRUNNER_SMTP_USER is longer than 255 bytes");
+  if (cfg->password != NULL && strlen(cfg->password) > 255)
+    return bad(errbuf, errlen,
+               "PGRUNNER_SMTP_PASSWORD is longer than 255 bytes");
+  return 0;
 }

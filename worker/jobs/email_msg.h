@@ -54,6 +54,20 @@ PGR_MUSTCHECK int pgr_email_build(const char *payload,
                                   size_t errlen);
 void pgr_email_free(struct pgr_email *m);
 
+struct pgr_smtp_config;
+
+/*
+ * pgr_email_check_config checks the SMTP settings once, when the worker
+ * starts, so that a typo is a one-line configuration error (exit 2) rather
+ * than every email task failing: the host is a bare name or address (the
+ * port has its own variable), the HELO and Message-ID domains are domain
+ * names, PGRUNNER_MAIL_FROM is a mailbox, and the user and password fit
+ * libESMTP's 255-byte limit for SASL. PGR_EINVAL with the reason, naming
+ * the variable, never showing the password.
+ */
+PGR_MUSTCHECK int pgr_email_check_config(const struct pgr_smtp_config *cfg,
+                                         char *errbuf, size_t errlen);
+
 /* The building blocks, exported for the unit tests. */
 
 /* 1 if addr is an acceptable addr-spec (ASCII dot-atom@domain), else 0. */
