@@ -55,7 +55,9 @@
  *
  * Exclusivity: a worker holds flock() on DIR/pgrunner.sock.lock for its
  * lifetime (the kernel releases it if the worker dies), so two workers
- * starting at once cannot both replace the socket. A socket file on which
+ * starting at once cannot both replace the socket. A worker that finds the
+ * lock taken is a client like the commands (one machine, several workers,
+ * one file). A socket file on which
  * something accepts connections is never replaced; one that refuses them
  * was left by a dead worker and is.
  */
@@ -787,6 +789,7 @@ static int connect_unix(const char *path) {
  * serve_setup claims DIR for this worker and listens on its socket. The
  * socket is bound, then made 0600, then listened on: until listen() nobody
  * can connect, so the moment it has umask's mode exposes nothing.
+ * PGR_ENOTFOUND (nothing printed) when another worker holds DIR.
  */
 static int serve_setup(void) {
   struct sockaddr_un sa;
@@ -803,11 +806,13 @@ static int serve_setup(void) {
     return PGR_EIO;
   }
   if (flock(W.lock_fd, LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK)
-      start_error("another worker already serves this log directory",
-                  W.sock_path, 0);
-    else
-      start_error("cannot lock log socket lock file", W.lock_path, errno);
+    if (errno == EWOULDBLOCK) {
+      /* Another worker serves this directory: this one is its client. */
+      close(W.lock_fd);
+      W.lock_fd = -1;
+      return PGR_ENOTFOUND;
+    }
+    start_error("cannot lock log socket lock file", W.lock_path, errno);
     return PGR_EIO;
   }
   if (lstat(W.sock_path, &st) == 0) {
@@ -926,13 +931,16 @@ int pgr_log_start(const struct pgr_log_options *opts) {
     rc = open_dir(opts->dir);
     if (rc != 0)
       goto out;
-    if (opts->serve) {
+    if (opts->serve)
       rc = serve_setup();
-      if (rc != 0)
-        goto out;
-    } else {
+    if (!opts->serve || rc == PGR_ENOTFOUND) {
+      /* A command, or a second worker on the same directory: send our
+         records to the worker that serves it (or append to the file). */
+      rc = 0;
       client_connect();
     }
+    if (rc != 0)
+      goto out;
   }
   /* The loop is handed over complete: creating the thread orders all of the
    * above before anything the writer does. */
