@@ -50,3 +50,56 @@ def test_a_missing_plugin_is_a_usage_error(mdb, tmp_path):
     assert r.returncode == 2
     assert "nothere.so" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def started(w, tid):
+    return f'msg="task started" task={tid} ' in w.output()
+
+
+def test_plugins_cannot_register_malformed_kinds(mdb, workers):
+    """example_plugin.so refuses to load if the registry accepted "Bad
+    Kind", "x;y" or a second "noop"; it loading at all is the check."""
+    mdb.query("CREATE TABLE plugin_out (v text, task bigint)")
+    tid = mdb.scalar("SELECT pgrunner.add_task('c_insert', '{\"v\": \"k\"}')")
+    w = workers(mdb, "--plugin", plugin_path())
+    wait_until(lambda: state(mdb, tid)[0] == "succeeded", what="c_insert")
+    assert w.stop() == 0
+
+
+def test_a_c_handler_over_its_time_limit_does_not_commit(mdb, workers):
+    mdb.query("CREATE TABLE plugin_out (v text, task bigint)")
+    tid = mdb.scalar("SELECT pgrunner.add_task('c_sleep', "
+                     "'{\"v\": \"late\", \"sleep\": 4}', max_attempts => 1)")
+    w = workers(mdb, "--plugin", plugin_path(), "--task-timeout", "1")
+    wait_until(lambda: state(mdb, tid)[0] != "running" and
+               state(mdb, tid)[0] != "queued", timeout=60,
+               what="the sleeping C task to end")
+    st, attempts, err = state(mdb, tid)
+    assert (st, attempts) == ("failed", 1), (st, attempts, err)
+    assert "time limit" in err, err
+    assert mdb.scalar("SELECT count(*) FROM plugin_out") == 0
+    assert w.stop() == 0
+
+
+def test_a_cancelled_c_handler_does_not_commit(mdb, workers):
+    mdb.query("CREATE TABLE plugin_out (v text, task bigint)")
+    w = workers(mdb, "--plugin", plugin_path())
+    tid = mdb.scalar("SELECT pgrunner.add_task('c_sleep', "
+                     "'{\"v\": \"c\", \"sleep\": 3}')")
+    wait_until(lambda: started(w, tid), what="the C task to start")
+    assert mdb.scalar("SELECT pgrunner.cancel_task(%s)", (tid,)) is True
+    wait_until(lambda: state(mdb, tid)[0] == "cancelled", timeout=60,
+               what="the task to be cancelled")
+    assert mdb.scalar("SELECT count(*) FROM plugin_out") == 0
+    assert w.stop() == 0
+
+
+def test_shutdown_interrupts_a_c_handler_without_spending_it(mdb, workers):
+    mdb.query("CREATE TABLE plugin_out (v text, task bigint)")
+    w = workers(mdb, "--plugin", plugin_path(), "--shutdown-timeout", "1")
+    tid = mdb.scalar("SELECT pgrunner.add_task('c_sleep', "
+                     "'{\"v\": \"s\", \"sleep\": 4}')")
+    wait_until(lambda: started(w, tid), what="the C task to start")
+    assert w.stop() == 0
+    assert state(mdb, tid)[:2] == ("queued", 0), state(mdb, tid)
+    assert mdb.scalar("SELECT count(*) FROM plugin_out") == 0

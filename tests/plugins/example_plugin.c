@@ -7,10 +7,14 @@
  *              transaction (commits with the task's success, or not at all)
  *   c_retry    writes a row, then asks for a retry (the row must vanish)
  *   c_fail     fails for good with a message
+ *   c_sleep    writes a row, then sleeps payload->>'sleep' seconds outside
+ *              the database (a handler nothing can pre-empt) and succeeds
  *
  * Thread: handlers run on pgrunner's worker threads and may block.
  */
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "pgrunner.h"
 
@@ -47,12 +51,33 @@ static enum pgr_outcome c_fail(struct pgr_job *job, void *arg) {
   return PGR_PERMANENT;
 }
 
+static enum pgr_outcome c_sleep(struct pgr_job *job, void *arg) {
+  (void)arg;
+  if (insert_row(job) != PGR_SUCCESS)
+    return PGR_RETRY;
+  /* The payload is JSON; a crude read of "sleep": N is enough here. */
+  const char *p = strstr(job->task->payload, "\"sleep\"");
+  double secs = p ? strtod(strchr(p, ':') + 1, NULL) : 1.0;
+  struct timespec ts = {(time_t)secs,
+                        (long)((secs - (double)(time_t)secs) * 1e9)};
+  while (nanosleep(&ts, &ts) != 0)
+    ;
+  return PGR_SUCCESS;
+}
+
 int pgr_plugin_init(struct pgr_registry *reg) {
   if (reg->api_version != PGR_API_VERSION)
     return -1;
   if (reg->add(reg, "c_insert", c_insert, NULL) != 0 ||
       reg->add(reg, "c_retry", c_retry, NULL) != 0 ||
-      reg->add(reg, "c_fail", c_fail, NULL) != 0)
+      reg->add(reg, "c_fail", c_fail, NULL) != 0 ||
+      reg->add(reg, "c_sleep", c_sleep, NULL) != 0)
+    return -1;
+  /* Kinds follow the SQL kinds' rule, [a-z_][a-z0-9_]*: the registry must
+     refuse these (the tests rely on this plugin loading at all). */
+  if (reg->add(reg, "Bad Kind", c_fail, NULL) == 0 ||
+      reg->add(reg, "x;y", c_fail, NULL) == 0 ||
+      reg->add(reg, "noop", c_fail, NULL) == 0)
     return -1;
   return 0;
 }

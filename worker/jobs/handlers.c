@@ -30,7 +30,9 @@ static enum pgr_outcome noop_handler(struct pgr_job *job, void *arg) {
 
 static int add(struct pgr_handlers *h, const char *kind, pgr_handler_fn fn,
                void *arg) {
-  if (kind == NULL || *kind == '\0' || fn == NULL)
+  /* Plugin kinds follow the SQL kinds' rule, so every kind a task can name
+     looks the same in logs, metrics labels and psql. */
+  if (kind == NULL || fn == NULL || !pgr_valid_kind(kind))
     return PGR_EINVAL;
   for (size_t i = 0; i < h->n; i++)
     if (strcmp(h->items[i].kind, kind) == 0)
@@ -46,9 +48,8 @@ static int registry_add(struct pgr_registry *reg, const char *kind,
   return add(reg->priv, kind, fn, arg);
 }
 
-int pgr_handlers_create(const struct pgr_config *cfg,
-                        struct pgr_handlers **out, char *errbuf,
-                        size_t errlen) {
+int pgr_handlers_create(const struct pgr_config *cfg, struct pgr_handlers **out,
+                        char *errbuf, size_t errlen) {
   struct pgr_handlers *h = pgr_calloc(1, sizeof *h);
   int rc = 0;
 

@@ -381,6 +381,17 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
     goto out;
   }
+  /* A handler busy outside the database cannot be stopped mid-way, but an
+     attempt interrupted meanwhile (time limit, cancel, shutdown) must not
+     commit when the handler finally returns: it rolls back, and the caller
+     records the interruption as it does for SQL tasks. */
+  if (o == PGR_SUCCESS && pgr_slot_interrupt(s) != PGR_INT_NONE) {
+    set_msg(a, A_RETRY, "interrupted while the handler ran");
+    if (command(s->conn, "ROLLBACK") != 0 &&
+        PQstatus(s->conn) == CONNECTION_BAD)
+      a->r = A_CONNLOST;
+    goto out;
+  }
   if (o == PGR_SUCCESS && PQtransactionStatus(s->conn) == PQTRANS_INTRANS) {
     PGresult *res = PQexec(s->conn, "COMMIT");
     if (PQresultStatus(res) == PGRES_COMMAND_OK) {
