@@ -453,6 +453,22 @@ def test_per_queue_caps(mdb, workers):
     assert w.stop() == 0
 
 
+
+def test_a_capped_queue_does_not_wait_for_the_poll(mdb, workers):
+    """When a task of a queue at its cap ends, the worker claims the next
+    one of that queue at once: no NOTIFY announces it, and the fallback
+    poll here is ten minutes away."""
+    w = workers(mdb, "--queues", "default,capped:1", "--concurrency", "2",
+                "--poll-interval", "600000")
+    wait_until(lambda: count(mdb, "true") == 0 and mdb.scalar(
+        "SELECT count(*) FROM pgrunner.workers") == 1, what="registered")
+    mdb.query("INSERT INTO pgrunner.tasks (kind, queue) "
+              "SELECT 'noop', 'capped' FROM generate_series(1, 6)")
+    wait_until(lambda: count(mdb, "state = 'succeeded'") == 6, timeout=60,
+               what="all six capped tasks (one NOTIFY for the insert)")
+    assert w.stop() == 0
+
+
 def test_three_workers_share_5000_tasks_exactly_once(mdb, workers):
     mdb.query("CREATE TABLE done (n int UNIQUE NOT NULL)")
     mkfunc(mdb, "once", "INSERT INTO public.done VALUES"

@@ -47,8 +47,14 @@ static void forget(struct pgr_loop *l, struct pgr_claim *c) {
     *pp = c->prev;
   c->prev = NULL;
   l->ninflight--;
-  if (c->queue_index >= 0)
+  if (c->queue_index >= 0) {
+    int cap = l->cfg->queues[c->queue_index].cap;
+    /* A queue at its cap was left out of the claims since: the slot this
+       frees may have work waiting, which no NOTIFY will announce. */
+    if (cap > 0 && l->queue_running[c->queue_index] >= cap)
+      l->more = 1;
     l->queue_running[c->queue_index]--;
+  }
 }
 
 void pgr_dispatch_on_done(uv_async_t *a) {
@@ -91,8 +97,8 @@ static void interrupt_one(struct pgr_loop *l, struct pgr_claim *c,
     char p[16];
     const char *params[1] = {p};
     snprintf(p, sizeof p, "%d", pid);
-    if (pgr_pgconn_query(&l->pg, "SELECT pg_cancel_backend($1::int)", 1,
-                         params, on_cancel_sent, l) != 0)
+    if (pgr_pgconn_query(&l->pg, "SELECT pg_cancel_backend($1::int)", 1, params,
+                         on_cancel_sent, l) != 0)
       pgr_warn("cannot interrupt task: database connection down",
                PGR_LI("task", c->id));
   }
