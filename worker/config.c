@@ -4,6 +4,8 @@
  * Thread: main thread, before any other thread starts.
  *
  * Precedence for `work` options: flag, then PGRUNNER_<NAME>, then default.
+ * A variable whose option is given as a flag is ignored, not validated, and
+ * --help reads no variable at all.
  * The database: --db, then DATABASE_URL, then PGRUNNER_DB, then libpq's own
  * PG* variables (left to libpq). Every rejected value produces one line that
  * names the option and the value's problem; main prints it and exits 2.
@@ -45,7 +47,11 @@ enum {
   OPT_JSON,
   OPT_HELP,
   OPT_VERSION,
+  OPT_END, /* not an option: the size of a table indexed by option */
 };
+
+/* Which options were given as flags, indexed by opt - OPT_DB. */
+#define NOPTS (OPT_END - OPT_DB)
 
 static const struct option global_opts[] = {
     {"db", required_argument, NULL, OPT_DB},
@@ -121,11 +127,13 @@ static const char usage_work[] =
     "  --concurrency N          worker threads, one connection each (8)\n"
     "  --poll-interval MS       fallback poll interval (1000)\n"
     "  --shutdown-timeout S     grace period on SIGTERM/SIGINT (30)\n"
-    "  --log-dir DIR            write DIR/pgrunner.log, serve DIR/pgrunner.sock\n"
+    "  --log-dir DIR            write DIR/pgrunner.log, serve "
+    "DIR/pgrunner.sock\n"
     "  --log-level L            debug, info, warn, error (info)\n"
     "  --log-format F           text or json (text)\n"
     "  --metrics-listen A:P     serve /metrics and /healthz (off)\n"
-    "  --plugin PATH            load handlers from a shared object (repeatable)\n"
+    "  --plugin PATH            load handlers from a shared object "
+    "(repeatable)\n"
     "  --jobs-schema NAME       schema of SQL-function jobs (pgrunner_jobs)\n"
     "  --retention DURATION     keep succeeded tasks this long (7d)\n"
     "  --task-timeout S         default per-task time limit (300)\n"
@@ -282,9 +290,8 @@ static void free_queues(struct pgr_queue_cfg *q, size_t n) {
   free(q);
 }
 
-int pgr_parse_queues(const char *s, const char *src,
-                     struct pgr_queue_cfg **out, size_t *n, char *errbuf,
-                     size_t errlen) {
+int pgr_parse_queues(const char *s, const char *src, struct pgr_queue_cfg **out,
+                     size_t *n, char *errbuf, size_t errlen) {
   struct pgr_queue_cfg *qs = NULL;
   size_t count = 0;
   const char *p = s;
@@ -302,32 +309,32 @@ int pgr_parse_queues(const char *s, const char *src,
     int64_t cap = 0;
 
     if (!valid_queue_name(p, nlen)) {
-      rc = usage_error(errbuf, errlen, "%s: invalid queue name \"%.*s\"",
-                       src, (int)nlen, p);
+      rc = usage_error(errbuf, errlen, "%s: invalid queue name \"%.*s\"", src,
+                       (int)nlen, p);
       goto out;
     }
     if (colon) {
       char num[32];
       size_t clen = len - nlen - 1;
       if (clen == 0 || clen >= sizeof num) {
-        rc = usage_error(errbuf, errlen, "%s: invalid cap for \"%.*s\"",
-                         src, (int)nlen, p);
+        rc = usage_error(errbuf, errlen, "%s: invalid cap for \"%.*s\"", src,
+                         (int)nlen, p);
         goto out;
       }
       memcpy(num, colon + 1, clen);
       num[clen] = '\0';
       if (pgr_parse_int(num, 1, 100000, &cap) != 0) {
         rc = usage_error(errbuf, errlen,
-                         "%s: cap \"%s\" for \"%.*s\" is not a whole "
-                         "number from 1 to 100000",
+                         "%s: cap \"%s\" for \"%.*s\" is not a whole number "
+                         "from 1 to 100000",
                          src, num, (int)nlen, p);
         goto out;
       }
     }
     for (size_t i = 0; i < count; i++) {
       if (strlen(qs[i].name) == nlen && memcmp(qs[i].name, p, nlen) == 0) {
-        rc = usage_error(errbuf, errlen, "%s: queue \"%.*s\" is listed "
-                         "twice", src, (int)nlen, p);
+        rc = usage_error(errbuf, errlen, "%s: queue \"%.*s\" is listed twice",
+                         src, (int)nlen, p);
         goto out;
       }
     }
@@ -407,8 +414,8 @@ static int valid_schema(const char *s) {
   return pgr_valid_kind(s); /* same identifier rule */
 }
 
-static int parse_payload(struct pgr_config *cfg, const char *text,
-                         char *errbuf, size_t errlen) {
+static int parse_payload(struct pgr_config *cfg, const char *text, char *errbuf,
+                         size_t errlen) {
   json_error_t jerr;
   json_t *v = json_loads(text, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, &jerr);
   if (v == NULL)
@@ -437,15 +444,16 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
   case OPT_LOG_DIR: {
     struct stat st;
     if (stat(val, &st) != 0 || !S_ISDIR(st.st_mode))
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not an existing "
-                         "directory", src, val);
+      return usage_error(errbuf, errlen,
+                         "%s: \"%s\" is not an existing directory", src, val);
     set_str(&cfg->log_dir, val);
     return 0;
   }
   case OPT_LOG_LEVEL:
     if (parse_level(val, &cfg->log_level) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not one of debug, "
-                         "info, warn, error", src, val);
+      return usage_error(errbuf, errlen,
+                         "%s: \"%s\" is not one of debug, info, warn, error",
+                         src, val);
     return 0;
   case OPT_LOG_FORMAT:
     if (strcmp(val, "text") == 0)
@@ -453,8 +461,8 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
     else if (strcmp(val, "json") == 0)
       cfg->log_format = PGR_LOG_JSON;
     else
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not text or json",
-                         src, val);
+      return usage_error(errbuf, errlen, "%s: \"%s\" is not text or json", src,
+                         val);
     return 0;
   case OPT_QUEUES: {
     struct pgr_queue_cfg *qs;
@@ -469,20 +477,24 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
   }
   case OPT_CONCURRENCY:
     if (pgr_parse_int(val, 1, 1000, &n) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a whole number "
-                         "from 1 to 1000", src, val);
+      return usage_error(errbuf, errlen,
+                         "%s: \"%s\" is not a whole number from 1 to 1000", src,
+                         val);
     cfg->concurrency = (int)n;
     return 0;
   case OPT_POLL:
     if (pgr_parse_int(val, 10, 3600000, &n) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a number of "
-                         "milliseconds from 10 to 3600000", src, val);
+      return usage_error(
+          errbuf, errlen,
+          "%s: \"%s\" is not a number of milliseconds from 10 to 3600000", src,
+          val);
     cfg->poll_interval_ms = (int)n;
     return 0;
   case OPT_SHUTDOWN:
     if (pgr_parse_int(val, 0, 86400, &n) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a number of "
-                         "seconds from 0 to 86400", src, val);
+      return usage_error(
+          errbuf, errlen,
+          "%s: \"%s\" is not a number of seconds from 0 to 86400", src, val);
     cfg->shutdown_timeout_s = (int)n;
     return 0;
   case OPT_METRICS:
@@ -493,25 +505,30 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
   case OPT_PLUGIN:
     if (*val == '\0')
       return usage_error(errbuf, errlen, "%s: empty path", src);
-    cfg->plugins = pgr_realloc(cfg->plugins,
-                               (cfg->nplugins + 1) * sizeof *cfg->plugins);
+    cfg->plugins =
+        pgr_realloc(cfg->plugins, (cfg->nplugins + 1) * sizeof *cfg->plugins);
     cfg->plugins[cfg->nplugins++] = pgr_strdup(val);
     return 0;
   case OPT_JOBS_SCHEMA:
     if (!valid_schema(val))
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a schema name "
-                         "matching [a-z_][a-z0-9_]*", src, val);
+      return usage_error(
+          errbuf, errlen,
+          "%s: \"%s\" is not a schema name matching [a-z_][a-z0-9_]*", src,
+          val);
     set_str(&cfg->jobs_schema, val);
     return 0;
   case OPT_RETENTION:
     if (pgr_parse_duration(val, &cfg->retention_s) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a duration such "
-                         "as 7d, 12h, 30m or 3600", src, val);
+      return usage_error(
+          errbuf, errlen,
+          "%s: \"%s\" is not a duration such as 7d, 12h, 30m or 3600", src,
+          val);
     return 0;
   case OPT_TASK_TIMEOUT:
     if (pgr_parse_int(val, 1, 86400 * 7, &n) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a number of "
-                         "seconds from 1 to 604800", src, val);
+      return usage_error(
+          errbuf, errlen,
+          "%s: \"%s\" is not a number of seconds from 1 to 604800", src, val);
     cfg->task_timeout_s = (int)n;
     return 0;
   case OPT_QUEUE:
@@ -529,10 +546,9 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
     char *end;
     errno = 0;
     double d = strtod(val, &end);
-    if (errno != 0 || end == val || *end != '\0' || !(d >= 0) ||
-        d > 1e9)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a number of "
-                         "seconds", src, val);
+    if (errno != 0 || end == val || *end != '\0' || !(d >= 0) || d > 1e9)
+      return usage_error(errbuf, errlen,
+                         "%s: \"%s\" is not a number of seconds", src, val);
     cfg->add_delay_s = d;
     return 0;
   }
@@ -545,8 +561,9 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
     return 0;
   case OPT_MAX_ATTEMPTS:
     if (pgr_parse_int(val, 1, INT_MAX, &n) != 0)
-      return usage_error(errbuf, errlen, "%s: \"%s\" is not a whole number "
-                         "of at least 1", src, val);
+      return usage_error(errbuf, errlen,
+                         "%s: \"%s\" is not a whole number of at least 1", src,
+                         val);
     cfg->add_max_attempts = (int)n;
     return 0;
   case OPT_KEY:
@@ -581,11 +598,18 @@ static const struct env_opt global_env[] = {
     {"PGRUNNER_LOG_FORMAT", OPT_LOG_FORMAT},
 };
 
+/*
+ * Apply the variables of `tab` whose option was not given as a flag. A
+ * variable the flag overrides is not even validated: flags win, so a stale
+ * or broken value in the environment must not stop a command line that
+ * says otherwise.
+ */
 static int apply_env(struct pgr_config *cfg, const struct env_opt *tab,
-                     size_t n, char *errbuf, size_t errlen) {
+                     size_t n, const unsigned char *given, char *errbuf,
+                     size_t errlen) {
   for (size_t i = 0; i < n; i++) {
     const char *v = getenv(tab[i].name);
-    if (v == NULL)
+    if (v == NULL || given[tab[i].opt - OPT_DB])
       continue;
     int rc = apply(cfg, tab[i].opt, v, tab[i].name, errbuf, errlen);
     if (rc != 0)
@@ -605,8 +629,8 @@ static int smtp_from_env(struct pgr_smtp_config *s, char *errbuf,
   set_str(&s->host, getenv("PGRUNNER_SMTP_HOST"));
   if ((v = getenv("PGRUNNER_SMTP_PORT")) != NULL) {
     if (pgr_parse_int(v, 1, 65535, &n) != 0)
-      return usage_error(errbuf, errlen, "PGRUNNER_SMTP_PORT: \"%s\" is not "
-                         "a port number", v);
+      return usage_error(errbuf, errlen,
+                         "PGRUNNER_SMTP_PORT: \"%s\" is not a port number", v);
     s->port = (int)n;
   }
   set_str(&s->user, getenv("PGRUNNER_SMTP_USER"));
@@ -619,16 +643,19 @@ static int smtp_from_env(struct pgr_smtp_config *s, char *errbuf,
     else if (strcmp(v, "require") == 0)
       s->starttls = PGR_STARTTLS_REQUIRE;
     else
-      return usage_error(errbuf, errlen, "PGRUNNER_SMTP_STARTTLS: \"%s\" is "
-                         "not no, try or require", v);
+      return usage_error(
+          errbuf, errlen,
+          "PGRUNNER_SMTP_STARTTLS: \"%s\" is not no, try or require", v);
   }
   set_str(&s->mail_from, getenv("PGRUNNER_MAIL_FROM"));
   set_str(&s->helo_domain, getenv("PGRUNNER_SMTP_HELO"));
   set_str(&s->message_id_domain, getenv("PGRUNNER_MESSAGE_ID_DOMAIN"));
   if ((v = getenv("PGRUNNER_SMTP_TIMEOUT")) != NULL) {
     if (pgr_parse_int(v, 1, 3600, &n) != 0)
-      return usage_error(errbuf, errlen, "PGRUNNER_SMTP_TIMEOUT: \"%s\" is "
-                         "not a number of seconds from 1 to 3600", v);
+      return usage_error(errbuf, errlen,
+                         "PGRUNNER_SMTP_TIMEOUT: \"%s\" is not a number of "
+                         "seconds from 1 to 3600",
+                         v);
     s->timeout_s = (int)n;
   }
   return 0;
@@ -638,9 +665,9 @@ static const struct {
   const char *name;
   enum pgr_command cmd;
 } commands[] = {
-    {"work", PGR_CMD_WORK},       {"add", PGR_CMD_ADD},
-    {"status", PGR_CMD_STATUS},   {"cancel", PGR_CMD_CANCEL},
-    {"retry", PGR_CMD_RETRY},     {"migrate", PGR_CMD_MIGRATE},
+    {"work", PGR_CMD_WORK},     {"add", PGR_CMD_ADD},
+    {"status", PGR_CMD_STATUS}, {"cancel", PGR_CMD_CANCEL},
+    {"retry", PGR_CMD_RETRY},   {"migrate", PGR_CMD_MIGRATE},
     {"help", PGR_CMD_HELP},
 };
 
@@ -688,6 +715,7 @@ static void defaults(struct pgr_config *cfg) {
 
 int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
                      char *errbuf, size_t errlen) {
+  unsigned char given[NOPTS] = {0};
   struct option *opts = NULL;
   char **args = NULL; /* positional arguments after the command */
   int nargs = 0;
@@ -739,31 +767,11 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
   if (cfg->command == PGR_CMD_VERSION || cfg->help)
     goto out;
   if (cfg->command == PGR_CMD_NONE) {
-    rc = usage_error(errbuf, errlen, "no command given (try 'pgrunner "
-                     "--help')");
+    rc =
+        usage_error(errbuf, errlen, "no command given (try 'pgrunner --help')");
     goto out;
   }
 
-  /* Environment first, so that flags override it. */
-  if ((rc = apply_env(cfg, global_env, PGR_ARRAY_LEN(global_env), errbuf,
-                      errlen)) != 0)
-    goto out;
-  if (cfg->command == PGR_CMD_WORK) {
-    if ((rc = apply_env(cfg, work_env, PGR_ARRAY_LEN(work_env), errbuf,
-                        errlen)) != 0)
-      goto out;
-    const char *plugins = getenv("PGRUNNER_PLUGIN");
-    if (plugins && *plugins) {
-      /* Several plugins: separated by ':' as in PATH. */
-      char *copy = pgr_strdup(plugins), *save = NULL;
-      for (char *p = strtok_r(copy, ":", &save); p;
-           p = strtok_r(NULL, ":", &save))
-        (void)apply(cfg, OPT_PLUGIN, p, "PGRUNNER_PLUGIN", errbuf, errlen);
-      free(copy);
-    }
-    if ((rc = smtp_from_env(&cfg->smtp, errbuf, errlen)) != 0)
-      goto out;
-  }
   {
     const char *u = getenv("DATABASE_URL");
     if (u == NULL || *u == '\0')
@@ -787,9 +795,9 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
       continue;
     }
     if (c == '?') {
-      rc = usage_error(errbuf, errlen, "unknown option \"%s\" for '%s'",
-                       argv[optind - 1], pgr_config_usage(cfg->command) ==
-                       usage_main ? "pgrunner" : argv[0]);
+      rc = usage_error(
+          errbuf, errlen, "unknown option \"%s\" for '%s'", argv[optind - 1],
+          pgr_config_usage(cfg->command) == usage_main ? "pgrunner" : argv[0]);
       /* A clearer message: name the command. */
       for (size_t k = 0; k < PGR_ARRAY_LEN(commands); k++)
         if (commands[k].cmd == cfg->command)
@@ -815,16 +823,41 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
         snprintf(src, sizeof src, "--%s", o->name);
     if ((rc = apply(cfg, c, optarg, src, errbuf, errlen)) != 0)
       goto out;
+    given[c - OPT_DB] = 1;
   }
+  /* Help needs nothing from the environment, so a bad value there must not
+     hide it. */
   if (cfg->help)
     goto out;
+
+  /* The environment after the flags, for the options no flag gave. */
+  if ((rc = apply_env(cfg, global_env, PGR_ARRAY_LEN(global_env), given, errbuf,
+                      errlen)) != 0)
+    goto out;
+  if (cfg->command == PGR_CMD_WORK) {
+    if ((rc = apply_env(cfg, work_env, PGR_ARRAY_LEN(work_env), given, errbuf,
+                        errlen)) != 0)
+      goto out;
+    const char *plugins = getenv("PGRUNNER_PLUGIN");
+    if (plugins && *plugins && !given[OPT_PLUGIN - OPT_DB]) {
+      /* Several plugins: separated by ':' as in PATH. */
+      char *copy = pgr_strdup(plugins), *save = NULL;
+      for (char *p = strtok_r(copy, ":", &save); p;
+           p = strtok_r(NULL, ":", &save))
+        (void)apply(cfg, OPT_PLUGIN, p, "PGRUNNER_PLUGIN", errbuf, errlen);
+      free(copy);
+    }
+    if ((rc = smtp_from_env(&cfg->smtp, errbuf, errlen)) != 0)
+      goto out;
+  }
 
   /* args[0] is the command itself. */
   switch (cfg->command) {
   case PGR_CMD_ADD:
     if (nargs < 2) {
-      rc = usage_error(errbuf, errlen, "add: missing KIND (usage: pgrunner "
-                       "add KIND [PAYLOAD_JSON] [OPTIONS])");
+      rc = usage_error(errbuf, errlen,
+                       "add: missing KIND (usage: pgrunner add KIND "
+                       "[PAYLOAD_JSON] [OPTIONS])");
       goto out;
     }
     if (nargs > 3) {
@@ -833,14 +866,12 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
       goto out;
     }
     if (args[1][0] == '\0' || strlen(args[1]) > 200) {
-      rc = usage_error(errbuf, errlen, "add: KIND must be 1 to 200 "
-                       "characters");
+      rc = usage_error(errbuf, errlen, "add: KIND must be 1 to 200 characters");
       goto out;
     }
     for (const char *p = args[1]; *p; p++) {
       if ((unsigned char)*p < 0x20 || *p == 0x7f) {
-        rc = usage_error(errbuf, errlen, "add: KIND has a control "
-                         "character");
+        rc = usage_error(errbuf, errlen, "add: KIND has a control character");
         goto out;
       }
     }
@@ -849,8 +880,8 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
                             errlen)) != 0)
       goto out;
     if (cfg->add_run_at && cfg->add_delay_s >= 0) {
-      rc = usage_error(errbuf, errlen, "add: give --run-at or --delay, not "
-                       "both");
+      rc = usage_error(errbuf, errlen,
+                       "add: give --run-at or --delay, not both");
       goto out;
     }
     break;
@@ -862,8 +893,8 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
       goto out;
     }
     if (pgr_parse_int(args[1], 1, INT64_MAX, &cfg->task_id) != 0) {
-      rc = usage_error(errbuf, errlen, "%s: \"%s\" is not a task id (a "
-                       "positive whole number)",
+      rc = usage_error(errbuf, errlen,
+                       "%s: \"%s\" is not a task id (a positive whole number)",
                        cfg->command == PGR_CMD_CANCEL ? "cancel" : "retry",
                        args[1]);
       goto out;

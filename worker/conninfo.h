@@ -42,7 +42,10 @@ void pgr_conninfo_set(struct pgr_conninfo *ci, const char *kw,
  * Return a copy of `msg` in which the password of `conninfo` (and of
  * PGPASSWORD) is replaced by "***", and in which any "password=..." or
  * "scheme://user:secret@" fragment is masked, so a libpq message that
- * echoes part of the connection string can be printed safely.
+ * echoes part of the connection string can be printed safely. The password
+ * is also read from the text of `conninfo` itself (URL userinfo up to the
+ * last '@', ?password=, password=; as written and decoded), so that it is
+ * masked even when libpq cannot parse the string.
  */
 char *pgr_redact(const char *conninfo, const char *msg);
 

@@ -4,7 +4,8 @@ and the command-line surface (add, cancel, retry, usage errors, --help,
 --version, where the database comes from, password hygiene).
 
 Everything runs against a real PostgreSQL (the `pg` fixture), through the
-real `pgrunner` binary, psql and psycopg2. No worker runs in this file.
+real `pgrunner` binary, psql and psycopg2. No worker runs in this file but
+the one that shows a flag overriding a broken PGRUNNER_* variable.
 """
 
 import glob
@@ -618,6 +619,32 @@ def test_help_exits_0(args):
         assert args[0] in r.stdout
 
 
+def test_flags_override_invalid_environment_and_help_ignores_it(mdb,
+                                                                 workers):
+    bad = {"PGRUNNER_CONCURRENCY": "abc", "PGRUNNER_LOG_LEVEL": "loud"}
+    # Help needs nothing from the environment.
+    for args in (["work", "--help"], ["status", "--help"], ["--help"]):
+        r = run_pgrunner(args, env=bad, timeout=30)
+        assert r.returncode == 0, (args, r.stderr)
+        assert "usage" in r.stdout.lower(), r.stdout
+    # Without the flags, the variable is still refused, by name.
+    r = run_pgrunner(["work", "--db", mdb.dsn], env=bad, timeout=30)
+    assert r.returncode == 2 and one_line(r.stderr), r.stderr
+    assert "PGRUNNER_" in r.stderr, r.stderr
+    r = run_pgrunner(["status", "--db", mdb.dsn], env=bad, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "PGRUNNER_LOG_LEVEL" in r.stderr, r.stderr
+    # With them, the variables are ignored: the worker runs a task.
+    r = run_pgrunner(["status", "--log-level", "warn", "--db", mdb.dsn],
+                     env=bad, timeout=30)
+    assert r.returncode == 0, r.stderr
+    w = workers(mdb, "--concurrency", "3", "--log-level", "info", env=bad)
+    tid = add_task(mdb, "noop")
+    wait_until(lambda: task(mdb, tid)["state"] == "succeeded", timeout=30,
+               what="the worker runs the task")
+    assert w.stop() == 0, w.output()
+
+
 def test_command_help_differs_per_command():
     texts = {c: run_pgrunner([c, "--help"]).stdout
              for c in ("work", "add", "status")}
@@ -661,6 +688,38 @@ def test_password_never_printed_for_malformed_conninfo(dbarg):
     assert r.returncode in (1, 2), (r.stdout, r.stderr)
     assert SECRET not in r.stdout and SECRET not in r.stderr, r.stderr
     assert r.stderr.strip()
+
+
+# libpq's own parse errors quote the offending token, which here is (a piece
+# of) the password; `work` refuses such a string at once with exit 2, so it
+# cannot hang retrying.
+@pytest.mark.parametrize("cmd", [["status"], ["work"]])
+@pytest.mark.parametrize("dbarg", [
+    f"postgresql://postgres:{SECRET}%zz@127.0.0.1:5432/postgres",
+    f"postgresql://postgres:{SECRET}:a%zz@127.0.0.1:1/postgres",
+    f"postgresql://postgres:a%zz@{SECRET}@127.0.0.1:1/postgres",
+    f"postgresql://postgres@127.0.0.1:1/postgres?password={SECRET}%zz",
+    f"postgresql://postgres@127.0.0.1:1/x?sslmode=disable&password={SECRET}%zz",
+    f"host=127.0.0.1 password='{SECRET}%zz' bogus",
+])
+def test_password_never_printed_when_libpq_quotes_the_token(cmd, dbarg):
+    r = run_pgrunner(cmd + ["--db", dbarg], timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert SECRET not in r.stdout and SECRET not in r.stderr, r.stderr
+    assert one_line(r.stderr), r.stderr
+
+
+def test_password_with_an_at_sign_never_printed_in_part():
+    # libpq ends the password at the first '@' and reads the rest as the
+    # host name, which it then quotes in "could not translate host name".
+    first, second = "FiRsTpArT7", "SeCoNdPaRt8"
+    r = run_pgrunner(["status", "--db",
+                      f"postgresql://postgres:{first}@{second}@127.0.0.1:1/x"],
+                     timeout=60)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = r.stdout + r.stderr
+    assert first not in out and second not in out, out
+    assert r.stderr.strip(), "no error message"
 
 
 def test_password_in_database_url_never_printed():

@@ -60,9 +60,9 @@ int pgr_cmd_add(const struct pgr_config *cfg) {
   }
   printf("%s\n", PQgetvalue(res, 0, 0));
   fflush(stdout);
+  /* Exactly the fields SPEC section 7 shows for this line. */
   pgr_info("task added", PGR_LI("task", atoll(PQgetvalue(res, 0, 0))),
-           PGR_LS("kind", cfg->add_kind),
-           PGR_LS("queue", cfg->add_queue ? cfg->add_queue : "default"));
+           PGR_LS("kind", cfg->add_kind));
 out:
   if (rc != 0)
     pgr_error("add failed", PGR_LS("error", err));
