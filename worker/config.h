@@ -46,9 +46,9 @@ struct pgr_smtp_config {
   char *password;
   enum pgr_starttls starttls;
   char *mail_from;
-  char *helo_domain;      /* PGRUNNER_SMTP_HELO, else the host name */
-  char *message_id_domain; /* PGRUNNER_MESSAGE_ID_DOMAIN, else the host name */
-  int timeout_s;          /* PGRUNNER_SMTP_TIMEOUT, 30 */
+  char *helo_domain;       /* PGRUNNER_SMTP_HELO, else the host name */
+  char *message_id_domain; /* PGRUNNER_MESSAGE_ID_DOMAIN, else the sender's */
+  int timeout_s;           /* PGRUNNER_SMTP_TIMEOUT, 30 */
 };
 
 struct pgr_config {

@@ -1,8 +1,14 @@
 """The `email` job kind end to end: a real worker (`pgrunner work`), a real
 PostgreSQL (tests/support/pgr_fixtures.py) and a real SMTP server
-(tests/support/smtp_fixtures.py, aiosmtpd), one database per test."""
+(tests/support/smtp_fixtures.py, aiosmtpd), one database per test.
+
+aiosmtpd cannot be told to refuse the greeting, EHLO or HELO; for those
+replies a small scripted SMTP server (ScriptedSmtp, below) listens on a
+real socket instead."""
 
 import json
+import socketserver
+import threading
 
 import pytest
 
@@ -54,6 +60,14 @@ def finished(db, tid, worker, timeout=60):
 def start_worker(workers, db, server, **env):
     e = server.env(PGRUNNER_MAIL_FROM=MAIL_FROM,
                    PGRUNNER_MESSAGE_ID_DOMAIN=MSGID_DOMAIN)
+    e.update({k: str(v) for k, v in env.items()})
+    return workers(db, "--poll-interval", "200", env=e)
+
+
+def start_worker_without_msgid_domain(workers, db, server, **env):
+    """A worker as operators run it by default: PGRUNNER_MAIL_FROM, but no
+    PGRUNNER_MESSAGE_ID_DOMAIN (start_worker sets one)."""
+    e = server.env(PGRUNNER_MAIL_FROM=MAIL_FROM)
     e.update({k: str(v) for k, v in env.items()})
     return workers(db, "--poll-interval", "200", env=e)
 
@@ -191,16 +205,18 @@ def test_auth_with_a_test_user(mdb, smtp_server, workers):
     assert "pa55-w0rd!" not in w.output()
 
 
-def test_auth_with_a_wrong_password_is_retried(mdb, smtp_server, workers):
+def test_auth_with_a_wrong_password_fails_the_task_at_once(mdb, smtp_server,
+                                                         workers):
     s = smtp_server(auth_user="mailer", auth_password="right")
     w = start_worker(workers, mdb, s, PGRUNNER_SMTP_USER="mailer",
                      PGRUNNER_SMTP_PASSWORD="wrong-secret",
                      PGRUNNER_LOG_LEVEL="debug")
     tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
                     max_attempts=3)
-    t = wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"],
-                  w, "a failed login")
-    assert "refused the login" in t["last_error"], t
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed", t
+    assert t["attempts"] == 1, "a 535 spends no more attempts"
+    assert "refused the login (AUTH)" in t["last_error"], t
     assert "535" in t["last_error"], t
     assert "wrong-secret" not in t["last_error"]
     assert s.messages() == []
@@ -277,6 +293,21 @@ def test_a_retry_resends_the_same_message_id(mdb, smtp_server, workers):
     assert m["Message-ID"] == f"<pgrunner.{tid}@{MSGID_DOMAIN}>"
 
 
+def test_message_id_defaults_to_the_senders_domain(mdb, smtp, workers):
+    """Without PGRUNNER_MESSAGE_ID_DOMAIN the Message-ID's domain is the
+    sender's, not the worker's host name: every worker (another container,
+    another replica) that retries the task sends the same Message-ID."""
+    w = start_worker_without_msgid_domain(workers, mdb, smtp)
+    default = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    own = add_email(mdb, {"to": "b@example.com", "text": "y",
+                          "from": "Sales <sales@shop.example.net>"})
+    assert finished(mdb, default, w)["state"] == "succeeded"
+    assert finished(mdb, own, w)["state"] == "succeeded"
+    ids = {m.rcpt_tos[0]: m["Message-ID"] for m in smtp.wait_for(2)}
+    assert ids == {"a@example.com": f"<pgrunner.{default}@example.org>",
+                   "b@example.com": f"<pgrunner.{own}@shop.example.net>"}
+
+
 def test_a_hung_server_does_not_hold_the_worker(mdb, smtp_server, workers):
     s = smtp_server(hang=True)
     w = start_worker(workers, mdb, s, PGRUNNER_SMTP_TIMEOUT=1)
@@ -342,3 +373,140 @@ def test_bad_smtp_settings_are_refused_at_start(mdb, var, value, reason):
         r.stderr
     assert "Sekr3t" not in r.stderr
     assert mdb.scalar("SELECT count(*) FROM pgrunner.workers") == 0
+
+
+class ScriptedSmtp:
+    """A minimal SMTP server on a real socket of 127.0.0.1, for the replies
+    aiosmtpd cannot be told to give. `replies` maps "GREETING" or a command
+    verb ("EHLO", "HELO", ...) to the reply line to send, or to None to
+    close the connection without a word. Other commands get "250 OK",
+    DATA "354" and then "250" for the message, QUIT "221". It records the
+    verbs it received and counts the messages it accepted."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.verbs = []
+        self.messages = 0
+        me = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            timeout = 30
+
+            def handle(self):
+                me._session(self.rfile, self.wfile)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0),
+                                                      Handler)
+        self.server.daemon_threads = True
+        self.host, self.port = self.server.server_address
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       daemon=True)
+        self.thread.start()
+
+    def _session(self, rfile, wfile):
+        def say(line):
+            if line is not None:
+                wfile.write(line.encode("ascii") + b"\r\n")
+            return line is not None
+
+        if not say(self.replies.get("GREETING", "220 scripted ESMTP")):
+            return
+        while True:
+            line = rfile.readline()
+            if not line:
+                return
+            verb = line.split(b" ", 1)[0].strip().upper().decode("ascii",
+                                                                 "replace")
+            self.verbs.append(verb)
+            if verb == "QUIT":
+                say("221 Bye")
+                return
+            reply = self.replies.get(verb, "354 Go ahead" if verb == "DATA"
+                                     else "250 OK")
+            if not say(reply):
+                return
+            if verb == "DATA" and reply.startswith("354"):
+                while line not in (b".\r\n", b""):
+                    line = rfile.readline()
+                self.messages += 1
+                say("250 Accepted")
+
+    def env(self, **extra):
+        """Worker environment pointing at this server."""
+        e = {"PGRUNNER_SMTP_HOST": self.host,
+             "PGRUNNER_SMTP_PORT": str(self.port)}
+        e.update({k: str(v) for k, v in extra.items()})
+        return e
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def scripted_smtp():
+    """Factory: scripted_smtp(**replies) -> a running ScriptedSmtp; every
+    one is closed at the end of the test."""
+    made = []
+
+    def make(**replies):
+        made.append(ScriptedSmtp(replies))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
+
+
+@pytest.mark.parametrize("replies,code", [
+    ({"GREETING": "554 5.3.2 No SMTP service here"}, "554 5.3.2"),
+    ({"EHLO": "550 5.7.1 Client host rejected"}, "550 5.7.1"),
+    ({"EHLO": "502 5.5.1 EHLO not implemented",
+      "HELO": "554 5.7.1 Go away"}, "554 5.7.1"),
+], ids=["greeting", "ehlo", "helo"])
+def test_a_5xx_before_mail_fails_the_task_at_once(mdb, scripted_smtp,
+                                                  workers, replies, code):
+    """Every 5xx reply is permanent, not only those to MAIL, RCPT and
+    DATA (SPEC 4)."""
+    s = scripted_smtp(**replies)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=5)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "failed", t
+    assert t["attempts"] == 1, "a permanent failure spends no more attempts"
+    assert code in t["last_error"], t
+    assert "MAIL" not in s.verbs and s.messages == 0
+
+
+@pytest.mark.parametrize("replies,reason", [
+    ({"GREETING": "421 4.3.2 Busy, try again later"}, "421 4.3.2"),
+    # libESMTP answers EHLO 502 with HELO; the server then hangs up. The
+    # 502 it recovered from does not make the dropped connection permanent.
+    ({"EHLO": "502 5.5.1 EHLO not implemented", "HELO": None},
+     "closed the connection"),
+], ids=["greeting-4xx", "drop-after-recovered-5xx"])
+def test_a_4xx_or_a_drop_before_mail_is_retried(mdb, scripted_smtp, workers,
+                                                replies, reason):
+    s = scripted_smtp(**replies)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=5)
+    t = wait_task(mdb, tid, lambda t: t["attempts"] >= 1 and t["last_error"]
+                  and t["state"] == "queued", w, "a failed attempt")
+    assert reason in t["last_error"], t
+    assert "502" not in t["last_error"], t
+    assert s.messages == 0
+
+
+def test_a_5xx_that_helo_recovers_from_does_not_fail_the_task(
+        mdb, scripted_smtp, workers):
+    s = scripted_smtp(EHLO="502 5.5.1 EHLO not implemented")
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"},
+                    max_attempts=1)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "succeeded", t
+    assert s.verbs[:2] == ["EHLO", "HELO"] and s.messages == 1

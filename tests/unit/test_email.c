@@ -462,6 +462,113 @@ Test(email_build, derives_the_message_id_from_the_task_id) {
   pgr_email_free(&m1);
 }
 
+/* msgid_of builds `payload` with `o` and returns its Message-ID (a new
+ * string), or NULL with the reason in err. */
+static char *msgid_of(const char *payload, const struct pgr_email_opts *o,
+                      char *err, size_t errlen) {
+  struct pgr_email m;
+  char *id;
+  err[0] = '\0';
+  if (pgr_email_build(payload, o, &m, err, errlen) != 0)
+    return NULL;
+  id = header_value(&m, "Message-ID");
+  cr_expect(ne(ptr, id, NULL), "the message should have a Message-ID");
+  if (id != NULL)
+    cr_expect(eq(int, strncmp(id + 2, m.message_id, strlen(m.message_id)), 0),
+              "the header carries the message's id");
+  pgr_email_free(&m);
+  return id;
+}
+
+Test(email_build, message_id_without_a_domain_takes_the_senders_domain) {
+  struct pgr_email_opts o = opts();
+  char err[512], *v;
+  const char *p = "{\"to\": \"a@example.com\", \"text\": \"x\"}";
+
+  o.msgid_domain = NULL;
+  v = msgid_of(p, &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@example.org>"),
+            "the default sender (PGRUNNER_MAIL_FROM) gives the domain");
+  free(v);
+
+  o.msgid_domain = ""; /* PGRUNNER_MESSAGE_ID_DOMAIN set but empty */
+  v = msgid_of(p, &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@example.org>"), "empty is unset");
+  free(v);
+
+  v = msgid_of("{\"to\": \"a@example.com\", \"from\": \"Sales "
+               "<sales@shop.example.com>\"}",
+               &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@shop.example.com>"),
+            "the payload's \"from\" gives the domain over the default");
+  free(v);
+
+  o.default_from = NULL;
+  v = msgid_of("{\"to\": \"a@example.com\", \"from\": "
+               "{\"email\": \"ops@mail.example.net\"}}",
+               &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@mail.example.net>"),
+            "no default sender needed when the payload has one");
+  free(v);
+}
+
+Test(email_build, message_id_domain_wins_over_the_sender) {
+  struct pgr_email_opts o = opts(); /* msgid_domain = mail.example.org */
+  char err[512], *v;
+
+  v = msgid_of("{\"to\": \"a@example.com\"}", &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@mail.example.org>"), "%s", err);
+  free(v);
+  v = msgid_of("{\"to\": \"a@example.com\", \"from\": "
+               "\"sales@shop.example.com\"}",
+               &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@mail.example.org>"),
+            "PGRUNNER_MESSAGE_ID_DOMAIN wins over the payload's sender");
+  free(v);
+}
+
+Test(email_build, message_id_is_the_same_on_every_worker) {
+  /* Two workers: the same task, settings and payload, built at different
+   * times (a retry after a crash); nothing of the machine goes in. */
+  struct pgr_email_opts a = opts(), b = opts();
+  char err[512], *va, *vb;
+  const char *p = "{\"to\": \"a@example.com\"}";
+
+  a.msgid_domain = b.msgid_domain = NULL;
+  b.date += 600;
+  va = msgid_of(p, &a, err, sizeof err);
+  vb = msgid_of(p, &b, err, sizeof err);
+  cr_expect(eq(str, va, vb), "a retry elsewhere re-sends the same Message-ID");
+  free(va);
+  free(vb);
+}
+
+Test(email_build, message_id_of_an_address_literal_sender_is_reserved) {
+  struct pgr_email_opts o = opts();
+  char err[512], *v;
+
+  o.msgid_domain = NULL;
+  v = msgid_of("{\"to\": \"a@example.com\", \"from\": "
+               "\"ops@[192.0.2.1]\"}",
+               &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@pgrunner.invalid>"), "%s", err);
+  free(v);
+  o.default_from = "ops@[IPv6:2001:db8::1]";
+  v = msgid_of("{\"to\": \"a@example.com\"}", &o, err, sizeof err);
+  cr_expect(eq(str, v, " <pgrunner.42@pgrunner.invalid>"), "%s", err);
+  free(v);
+}
+
+Test(email_build, refuses_a_message_id_domain_that_is_not_a_domain) {
+  struct pgr_email_opts o = opts();
+  char err[512];
+
+  o.msgid_domain = "not a domain";
+  cr_expect(eq(
+      ptr, msgid_of("{\"to\": \"a@example.com\"}", &o, err, sizeof err), NULL));
+  cr_expect(ne(ptr, strstr(err, "Message-ID domain"), NULL), "%s", err);
+}
+
 Test(email_build, puts_bcc_in_the_envelope_only) {
   struct pgr_email m;
   char err[512], *v;
@@ -834,19 +941,16 @@ Test(email_handler, retries_when_the_server_is_unreachable) {
 Test(email_config, accepts_good_settings_and_unset_ones) {
   struct pgr_smtp_config c = {0};
   char err[256] = "";
-  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
-            err);
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s", err);
   c.host = "mail.example.com";
   c.helo_domain = "worker-1.example.com";
   c.message_id_domain = "example.com";
   c.mail_from = "Ops Team <ops@example.com>";
   c.user = "mailer";
   c.password = "secret";
-  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
-            err);
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s", err);
   c.host = "192.0.2.7";
-  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s",
-            err);
+  cr_assert(eq(int, pgr_email_check_config(&c, err, sizeof err), 0), "%s", err);
 }
 
 Test(email_config, refuses_each_bad_setting_naming_it) {

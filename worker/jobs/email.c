@@ -13,10 +13,13 @@
  * it alone); the message reader's cursor is freed by libESMTP with free()
  * (message-source.c, msg_source_destroy()).
  *
- * Classification (see email.h): 2xx after DATA is success; a 5xx to MAIL,
- * RCPT or DATA is permanent; everything else (no connection, timeout, 4xx,
- * TLS and authentication problems, which a configuration change can cure)
- * is retried with backoff. All recipients or none: the session requires
+ * Classification (see email.h): 2xx after DATA is success; a 5xx reply
+ * that ends the session is permanent, whichever command it answers (the
+ * greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, RCPT or DATA); everything else
+ * (no connection, timeout, a dropped connection, 4xx, TLS problems, a
+ * server without the STARTTLS that =require asks for) is retried with
+ * backoff. A 5xx that libESMTP recovers from (EHLO 502, then HELO) decides
+ * nothing. All recipients or none: the session requires
  * every RCPT to be accepted before DATA (smtp_option_require_all_recipients)
  * so a retry never re-sends to recipients who already got the message.
  */
@@ -27,7 +30,6 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
 /* Both before libesmtp.h (a block of its own, so include sorting keeps the
  * order): it declares smtp_auth_set_context() only after auth-client.h, and
@@ -48,6 +50,7 @@ struct session {
   const char *server;     /* "host:port", for messages */
   char problem[256];      /* a STARTTLS failure the event callback saw */
   char failure[256];      /* the server's last 4xx/5xx reply line */
+  int failure_final;      /* no command but QUIT, no 2xx/3xx, came after it */
   char auth_failure[256]; /* its first 4xx/5xx reply once AUTH started */
   char line[256];         /* the reply line being read */
   size_t line_len;
@@ -158,15 +161,22 @@ static void on_event(smtp_session_t s, int ev, void *arg, ...) {
 }
 
 /*
- * on_monitor sees the protocol traffic. Only what the server sends is
- * looked at (what we write includes the AUTH exchange, i.e. the password):
+ * on_monitor sees the protocol traffic. What the server sends is read as
  * complete reply lines, to keep the failing reply for the error message and
- * to learn whether AUTH succeeded (235, RFC 4954).
+ * to learn whether AUTH succeeded (235, RFC 4954). What we write includes
+ * the AUTH exchange, i.e. the password: it is only compared with "QUIT",
+ * never copied. A command other than QUIT after a failing reply means
+ * libESMTP carried on (EHLO 502 -> HELO, one AUTH mechanism -> the next,
+ * MAIL after a refused login), so that reply no longer ends the session
+ * and must not decide whether a later timeout or drop is permanent.
  */
 static void on_monitor(const char *buf, int len, int writing, void *arg) {
   struct session *ss = arg;
-  if (writing != SMTP_CB_READING)
+  if (writing != SMTP_CB_READING) {
+    if (!(len == 6 && memcmp(buf, "QUIT\r\n", 6) == 0))
+      ss->failure_final = 0;
     return;
+  }
   for (int i = 0; i < len; i++) {
     if (buf[i] != '\n') {
       if (ss->line_len + 1 < sizeof ss->line)
@@ -178,8 +188,11 @@ static void on_monitor(const char *buf, int len, int writing, void *arg) {
       ss->authenticated = 1;
     if (ss->line[0] == '4' || ss->line[0] == '5') {
       printable(ss->failure, sizeof ss->failure, ss->line, ss->line_len);
+      ss->failure_final = 1;
       if (ss->auth_asked && !ss->authenticated && ss->auth_failure[0] == '\0')
         memcpy(ss->auth_failure, ss->failure, sizeof ss->auth_failure);
+    } else if (strncmp(ss->line, "221", 3) != 0) {
+      ss->failure_final = 0; /* a 2xx/3xx other than QUIT's 221 */
     }
     ss->line_len = 0;
   }
@@ -273,6 +286,16 @@ static const char *errno_text(int e, char *buf, size_t n, int timeout_s) {
   return t != NULL ? t : "unknown error";
 }
 
+/*
+ * reply_outcome is the outcome of a session that the server's 4xx/5xx
+ * reply `line` ended. RFC 5321 4.2.1 on 5yz: "The SMTP client SHOULD NOT
+ * repeat the exact request (in the same sequence)", so a 5xx is permanent
+ * whichever command it answered; a 4xx is retried.
+ */
+static enum pgr_outcome reply_outcome(const char *line) {
+  return line[0] == '5' ? PGR_PERMANENT : PGR_RETRY;
+}
+
 /* classify turns the finished session into an outcome and a reason. */
 static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
                                  int started, const struct pgr_email *m,
@@ -292,36 +315,48 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
     return PGR_RETRY;
   }
   if (!started) {
-    if (ss->failure[0] != '\0')
+    /* No session: the greeting was refused, EHLO got a 4xx, HELO got no
+     * 2xx, or there was no connection at all. */
+    if (ss->failure_final) {
       snprintf(err, errlen, "SMTP: %s refused the session: %s", ss->server,
                ss->failure);
-    else
-      snprintf(err, errlen, "SMTP: cannot talk to %s: %s", ss->server,
-               errno_text(e, et, sizeof et, timeout_s));
+      return reply_outcome(ss->failure);
+    }
+    snprintf(err, errlen, "SMTP: cannot talk to %s: %s", ss->server,
+             errno_text(e, et, sizeof et, timeout_s));
     return PGR_RETRY;
   }
+  /* The first refusal of the login decides, not the MAIL refusal (530)
+   * that follows it: 535 (bad credentials) is permanent, 454 (temporary
+   * authentication failure, RFC 4954 6) is retried. Only the server's
+   * reply goes into the reason, never what we sent. */
   if (ss->auth_failure[0] != '\0' && !ss->authenticated) {
     char user[96];
     printable(user, sizeof user, ss->cfg->user, strlen(ss->cfg->user));
-    snprintf(err, errlen, "SMTP: %s refused the login of user \"%s\": %s",
-             ss->server, user, ss->auth_failure);
-    return PGR_RETRY;
+    snprintf(err, errlen,
+             "SMTP: %s refused the login (AUTH) of user \"%s\": %s", ss->server,
+             user, ss->auth_failure);
+    return reply_outcome(ss->auth_failure);
   }
   if (ss->cfg->user != NULL && *ss->cfg->user != '\0' && !ss->auth_asked)
     hint = " (the server offered no AUTH PLAIN or LOGIN, so the message "
            "went unauthenticated)";
   if (rp == NULL || rp->code == 0) {
     if (ss->cfg->starttls != PGR_STARTTLS_NO && !ss->tls_up &&
-        e == SMTP_ERR_CLIENT_ERROR)
+        e == SMTP_ERR_CLIENT_ERROR) {
       snprintf(err, errlen,
                "SMTP: STARTTLS with %s failed: TLS handshake failed",
                ss->server);
-    else if (ss->failure[0] != '\0')
+      return PGR_RETRY;
+    }
+    if (ss->failure_final) {
+      /* A 5xx to EHLO that HELO cannot cure, or a refused STARTTLS. */
       snprintf(err, errlen, "SMTP: %s ended the session before MAIL FROM: %s",
                ss->server, ss->failure);
-    else
-      snprintf(err, errlen, "SMTP: session with %s ended before MAIL FROM: %s",
-               ss->server, errno_text(e, et, sizeof et, timeout_s));
+      return reply_outcome(ss->failure);
+    }
+    snprintf(err, errlen, "SMTP: session with %s ended before MAIL FROM: %s",
+             ss->server, errno_text(e, et, sizeof et, timeout_s));
     return PGR_RETRY;
   }
   if (rp->code >= 400) {
@@ -354,9 +389,9 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
   snprintf(err, errlen,
            "SMTP: session with %s ended before the message was accepted: %s",
            ss->server,
-           ss->failure[0] ? ss->failure
-                          : errno_text(e, et, sizeof et, timeout_s));
-  return PGR_RETRY;
+           ss->failure_final ? ss->failure
+                             : errno_text(e, et, sizeof et, timeout_s));
+  return ss->failure_final ? reply_outcome(ss->failure) : PGR_RETRY;
 }
 
 /*
@@ -533,37 +568,21 @@ out:
   return outcome;
 }
 
-/* local_domain: the host name, when it can be the right side of a
- * Message-ID; else "localhost". */
-static const char *local_domain(char *buf, size_t n) {
-  if (gethostname(buf, n) != 0 || buf[0] == '\0')
-    return "localhost";
-  buf[n - 1] = '\0';
-  for (char *p = buf; *p != '\0'; p++)
-    if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
-          (*p >= '0' && *p <= '9') || *p == '-' || *p == '.'))
-      return "localhost";
-  if (buf[0] == '.' || buf[0] == '-' || strstr(buf, "..") != NULL)
-    return "localhost";
-  return buf;
-}
-
 enum pgr_outcome pgr_email_handler(struct pgr_job *job, void *arg) {
   PGR_ASSERT_OFF_LOOP();
   const struct pgr_smtp_config *cfg = arg;
   struct pgr_email m;
   struct pgr_email_opts o;
-  char host[256], reason[1024], msg[1100];
+  char reason[1024], msg[1100];
   enum pgr_outcome outcome;
 
   PGR_ASSERT(cfg != NULL);
   memset(&o, 0, sizeof o);
   o.task_id = job->task->id;
   o.default_from = cfg->mail_from;
-  o.msgid_domain =
-      cfg->message_id_domain != NULL && *cfg->message_id_domain != '\0'
-          ? cfg->message_id_domain
-          : local_domain(host, sizeof host);
+  /* Unset, the builder takes the sender's domain: the host name would give
+   * a retry on another worker another Message-ID. */
+  o.msgid_domain = cfg->message_id_domain;
   o.date = (int64_t)time(NULL);
 
   /* Everything that can make the task fail for good is checked here,

@@ -13,7 +13,8 @@
  * Outcomes: PGR_SUCCESS once the server accepted the message (250 after
  * DATA); PGR_RETRY for temporary failures (no connection, timeout, a 4xx
  * reply, a TLS problem); PGR_PERMANENT for a bad payload (checked before
- * any connection is made) or a 5xx reply to MAIL, RCPT or DATA. Every
+ * any connection is made) or any 5xx reply that ends the session
+ * (greeting, EHLO/HELO, STARTTLS, AUTH, MAIL, RCPT, DATA). Every
  * failure calls job->fail() with a one-line reason. The SMTP password never
  * appears in a log record or an error message.
  *

@@ -872,6 +872,26 @@ static uint64_t fnv1a(uint64_t h, const char *s) {
   return h;
 }
 
+/*
+ * msgid_domain returns the right-hand side of the Message-ID. The SPEC
+ * derives the Message-ID from the task id so that a retry re-sends the same
+ * one; a retry may run on another worker, so without a configured domain
+ * the sender's is used, which every worker computes alike from the payload
+ * and PGRUNNER_MAIL_FROM. An address literal ("[192.0.2.1]") would be
+ * allowed (RFC 5322 3.6.4) but names a machine, not a domain; the reserved
+ * "pgrunner.invalid" (RFC 2606) stands in for it. The sender was
+ * validated, so the fallback is for an address literal only.
+ */
+static const char *msgid_domain(const struct pgr_email_opts *opts,
+                                const char *from) {
+  const char *at = strrchr(from, '@');
+  if (opts->msgid_domain != NULL && *opts->msgid_domain != '\0')
+    return opts->msgid_domain;
+  if (at == NULL || at[1] == '[' || !valid_domain(at + 1, strlen(at + 1)))
+    return "pgrunner.invalid";
+  return at + 1;
+}
+
 int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
                     struct pgr_email *out, char *errbuf, size_t errlen) {
   json_t *root = NULL;
@@ -934,12 +954,11 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
              "no recipient: \"to\", \"cc\" and \"bcc\" are all empty");
     goto out;
   }
-  if (opts->msgid_domain == NULL ||
+  if (opts->msgid_domain != NULL && *opts->msgid_domain != '\0' &&
       !valid_domain(opts->msgid_domain, strlen(opts->msgid_domain))) {
     char sh[96];
-    rc =
-        bad(errbuf, errlen, "Message-ID domain \"%s\" is not a domain name",
-            shown(opts->msgid_domain ? opts->msgid_domain : "", sh, sizeof sh));
+    rc = bad(errbuf, errlen, "Message-ID domain \"%s\" is not a domain name",
+             shown(opts->msgid_domain, sh, sizeof sh));
     goto out;
   }
 
@@ -949,7 +968,7 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
   add_rcpts(out, &cc);
   add_rcpts(out, &bcc);
   out->message_id = pgr_asprintf("pgrunner.%lld@%s", (long long)opts->task_id,
-                                 opts->msgid_domain);
+                                 msgid_domain(opts, out->from));
 
   /* The header section; Bcc is deliberately absent (RFC 5322 3.6.3 lets
    * the Bcc: field go entirely). */

@@ -37,8 +37,12 @@ struct pgr_email {
 struct pgr_email_opts {
   int64_t task_id;          /* the Message-ID is derived from it */
   const char *default_from; /* PGRUNNER_MAIL_FROM; NULL: "from" required */
-  const char *msgid_domain; /* right-hand side of the Message-ID */
-  int64_t date;             /* the Date header, seconds since the epoch */
+  /* Right-hand side of the Message-ID (PGRUNNER_MESSAGE_ID_DOMAIN). NULL
+   * or empty: the domain of the envelope sender, or "pgrunner.invalid"
+   * when that is an address literal; never the host name, which differs
+   * between the workers that may retry the task. */
+  const char *msgid_domain;
+  int64_t date; /* the Date header, seconds since the epoch */
 };
 
 /*
