@@ -437,29 +437,6 @@ def test_cancel_a_running_task(mdb, fw):
     stop_ok(w)
 
 
-def test_cancel_a_claimed_task_not_yet_started(mdb, fw):
-    """A worker claims up to twice its threads: a task can be 'running' in
-    the database while it waits for a thread. Cancelling it must still
-    cancel it (cancel_task says true)."""
-    db = jobs(mdb)
-    w = fw(db, "--concurrency", "1", "--poll-interval", "200")
-    _, name = registered(db, w)
-    first = add(db, "slow", {"k": "first", "sleep": 4})
-    second = add(db, "slow", {"k": "second", "sleep": 1})
-    wait(db, lambda: sleeping_in(db, name), "the first task to sleep", w)
-    st = task(db, second)
-    if st["state"] != "running":
-        pytest.skip(f"the second task was not claimed early: {st}")
-    assert db.scalar("SELECT pgrunner.cancel_task(%s)", (second,)) is True
-    assert finished(db, first, w)["state"] == "succeeded"
-    t = finished(db, second, w)
-    assert t["state"] == "cancelled", \
-        f"cancel_task returned true but the task ran: {t}\n" \
-        f"{w.output()[-3000:]}"
-    assert done_rows(db, "second") == []
-    stop_ok(w)
-
-
 # --- 5. random kill -9s of several workers -----------------------------------
 
 

@@ -416,6 +416,35 @@ def test_priority_then_run_at_then_id_order(mdb, workers):
     assert w.stop() == 0
 
 
+
+def test_an_urgent_task_overtakes_while_the_only_thread_is_busy(mdb,
+                                                                 workers):
+    """With one thread busy, a low-priority task and then an urgent one
+    arrive: the urgent one runs first, and the database never shows more
+    tasks running than there are threads."""
+    mdb.query("CREATE TABLE seen (seq bigserial PRIMARY KEY, name text)")
+    mkfunc(mdb, "rec", "INSERT INTO public.seen (name) VALUES"
+                       " (payload->>'n'); PERFORM pg_sleep("
+                       "coalesce((payload->>'s')::float8, 0));")
+    w = workers(mdb, "--concurrency", "1")
+    busy = add(mdb, "rec", payload={"n": "busy", "s": 2})
+    wait_until(lambda: row(mdb, busy)["state"] == "running", what="busy")
+    add(mdb, "rec", priority=10, payload={"n": "later"})
+    time.sleep(0.3)  # let the worker see it, if it were to claim it early
+    add(mdb, "rec", priority=-10, payload={"n": "urgent"})
+    samples = []
+
+    def done():
+        samples.append(count(mdb, "state = 'running'"))
+        return count(mdb, "state = 'succeeded'") == 3
+
+    wait_until(done, timeout=60, interval=0.01, what="all three to run")
+    got = [r[0] for r in mdb.query("SELECT name FROM seen ORDER BY seq")]
+    assert got == ["busy", "urgent", "later"], got
+    assert max(samples) <= 1, samples
+    assert w.stop() == 0
+
+
 def test_per_queue_caps(mdb, workers):
     mdb.query("CREATE TABLE runs (queue text, n int, started timestamptz,"
               " ended timestamptz)")

@@ -18,12 +18,6 @@
 #include "loop/pgconn.h"
 #include "pool.h"
 
-/* Claimed attempts per thread: running plus waiting in the pool's queue. */
-#define PGR_CLAIM_FACTOR 2
-/* Smallest claim worth a round trip while all threads are busy. */
-#define PGR_CLAIM_MIN_BATCH(concurrency)                                       \
-  ((concurrency) / 2 > 0 ? (concurrency) / 2 : 1)
-
 struct pgr_loop {
   const struct pgr_config *cfg;
   uv_loop_t loop;
