@@ -736,3 +736,18 @@ def test_status_counts_workers_and_failures(mdb, workers):
     r = run_pgrunner(["status", "--json", "--db", mdb.dsn])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["live_workers"] == 0
+
+
+def test_finished_at_is_when_the_handler_ended(mdb, workers):
+    """finished_at is taken when the attempt ends, not when its transaction
+    began: a handler that runs for a second shows a second between
+    started_at and finished_at (a lower bound, not a speed check)."""
+    mkfunc(mdb, "nap", "PERFORM pg_sleep(1.0);")
+    tid = add(mdb, "nap")
+    w = workers(mdb)
+    wait_until(lambda: row(mdb, tid)["state"] == "succeeded", timeout=60,
+               what="the nap task")
+    took = mdb.scalar("SELECT extract(epoch FROM finished_at - started_at) "
+                      "FROM pgrunner.tasks WHERE id = %s", (tid,))
+    assert took >= 1.0, took
+    assert w.stop() == 0

@@ -5,13 +5,14 @@
  *
  * The attempt's transaction:
  *   BEGIN;
- *   SELECT pgrunner.mark_succeeded(id, attempt, worker);  -- lock + verify
+ *   SELECT pgrunner.lock_attempt(id, attempt, worker);      -- lock + verify
  *   <the handler's work>
+ *   SELECT pgrunner.complete_attempt(id, attempt, worker);  -- mark, timed
  *   COMMIT;
- * Marking success first is safe because nothing is visible before COMMIT,
- * and it lets the whole transaction of a SQL-function task travel as one
- * pipeline (one round trip). The built-in noop needs no transaction block:
- * its attempt is the single UPDATE that marks it, itself a transaction.
+ * A SQL-function task sends all of it as one pipeline (one round trip); a C
+ * handler's attempt is two: the opening pair, then the closing pair. The
+ * built-in noop needs no transaction block: its attempt is the single
+ * UPDATE that marks it, itself a transaction.
  *
  * A failed attempt is rolled back and then recorded by
  * pgrunner.finish_attempt() in a transaction of its own. When the
@@ -43,10 +44,13 @@ struct attempt {
   char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
 };
 
-static const char mark_sql[] =
-    "SELECT pgrunner.mark_succeeded($1::bigint, $2::int, $3::bigint)";
+static const char lock_sql[] =
+    "SELECT pgrunner.lock_attempt($1::bigint, $2::int, $3::bigint)";
+static const char complete_sql[] =
+    "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint)";
 static const char noop_sql[] =
-    "UPDATE pgrunner.tasks SET state = 'succeeded', finished_at = now(),"
+    "UPDATE pgrunner.tasks SET state = 'succeeded',"
+    " finished_at = clock_timestamp(),"
     " last_error = NULL "
     "WHERE id = $1::bigint AND state = 'running' AND attempts = $2::int"
     " AND worker_id = $3::bigint AND NOT EXISTS (SELECT 1 FROM"
@@ -160,9 +164,8 @@ int pgr_txn_connect(struct pgr_slot *s) {
   static const struct {
     const char *name, *sql;
   } prep[] = {
-      {"pgr_mark", mark_sql},
-      {"pgr_noop", noop_sql},
-      {"pgr_finish", finish_sql},
+      {"pgr_lock", lock_sql},   {"pgr_complete", complete_sql},
+      {"pgr_noop", noop_sql},   {"pgr_finish", finish_sql},
       {"pgr_check", check_sql},
   };
   for (size_t i = 0; i < PGR_ARRAY_LEN(prep); i++) {
@@ -226,18 +229,30 @@ static int pipeline_results(PGconn *conn, int n, struct attempt *a,
   return failed;
 }
 
+/* A pipeline that could not be sent or read back whole. */
+static void pipeline_broken(PGconn *conn, struct attempt *a) {
+  if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
+    PQexitPipelineMode(conn);
+  if (PQstatus(conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+  } else {
+    set_msg(a, A_RETRY, PQerrorMessage(conn));
+    (void)command(conn, "ROLLBACK");
+  }
+}
+
 /*
- * Send BEGIN, the optional time limit, the mark, an optional SQL call and
- * an optional COMMIT as one pipeline and read it back.
+ * Send BEGIN, the optional time limit, the lock, an optional SQL call and,
+ * if `commit`, the success mark and COMMIT as one pipeline and read it back.
  */
 static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
                          const char *call_sql, int commit, struct attempt *a) {
   PGconn *conn = s->conn;
   char id[32], att[16], wid[32], tmo[32], state[6];
-  const char *mark_params[3] = {id, att, wid};
+  const char *attempt_params[3] = {id, att, wid};
   const char *tmo_params[1] = {tmo};
   const char *call_params[1] = {c->payload};
-  int n = 0, step_mark, step_call = -1, step_commit = -1;
+  int n = 0, step_lock, step_call = -1, step_complete = -1, step_commit = -1;
   int override = c->timeout_s != s->pool->cfg->task_timeout_s;
 
   snprintf(id, sizeof id, "%lld", (long long)c->id);
@@ -257,15 +272,19 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
       goto broken;
     n++;
   }
-  if (!PQsendQueryPrepared(conn, "pgr_mark", 3, mark_params, NULL, NULL, 0))
+  if (!PQsendQueryPrepared(conn, "pgr_lock", 3, attempt_params, NULL, NULL, 0))
     goto broken;
-  step_mark = n++;
+  step_lock = n++;
   if (call_sql) {
     if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL, 0))
       goto broken;
     step_call = n++;
   }
   if (commit) {
+    if (!PQsendQueryPrepared(conn, "pgr_complete", 3, attempt_params, NULL,
+                             NULL, 0))
+      goto broken;
+    step_complete = n++;
     if (!PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0))
       goto broken;
     step_commit = n++;
@@ -286,9 +305,10 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
     return;
   }
-  if (strcmp(state, "PR001") == 0 && failed == step_mark) {
+  if (strcmp(state, "PR001") == 0 &&
+      (failed == step_lock || failed == step_complete)) {
     a->r = A_LOST;
-  } else if (strcmp(state, "PR003") == 0 && failed == step_mark) {
+  } else if (strcmp(state, "PR003") == 0 && failed == step_lock) {
     a->r = A_CANCELLED;
   } else if (failed == step_call && strcmp(state, "42883") == 0) {
     /* Is it our function that is missing, or something it calls? */
@@ -316,14 +336,44 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   }
   return;
 broken:
-  if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
-    PQexitPipelineMode(conn);
-  if (PQstatus(conn) == CONNECTION_BAD) {
-    a->r = A_CONNLOST;
-  } else {
-    set_msg(a, A_RETRY, PQerrorMessage(conn));
-    (void)command(conn, "ROLLBACK");
+  pipeline_broken(conn, a);
+}
+
+/* The closing pair of a C handler's attempt, one pipeline: the success
+   mark (timed now that the handler is done) and COMMIT. */
+static void close_attempt(struct pgr_slot *s, struct pgr_claim *c,
+                          struct attempt *a) {
+  PGconn *conn = s->conn;
+  char id[32], att[16], wid[32], state[6];
+  const char *params[3] = {id, att, wid};
+
+  snprintf(id, sizeof id, "%lld", (long long)c->id);
+  snprintf(att, sizeof att, "%d", c->attempt);
+  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  if (PQenterPipelineMode(conn) != 1 ||
+      !PQsendQueryPrepared(conn, "pgr_complete", 3, params, NULL, NULL, 0) ||
+      !PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
+      !PQpipelineSync(conn))
+    goto broken;
+  int failed = pipeline_results(conn, 2, a, state);
+  if (failed < 0)
+    goto broken;
+  PQexitPipelineMode(conn);
+  if (failed == 2) {
+    a->r = A_OK;
+    return;
   }
+  /* A failed mark leaves an aborted block; a failed COMMIT has ended it. */
+  if (failed == 0 && command(conn, "ROLLBACK") != 0 &&
+      PQstatus(conn) == CONNECTION_BAD) {
+    a->r = A_CONNLOST;
+    return;
+  }
+  if (failed == 0 && strcmp(state, "PR001") == 0)
+    a->r = A_LOST;
+  return;
+broken:
+  pipeline_broken(conn, a);
 }
 
 static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
@@ -393,16 +443,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     goto out;
   }
   if (o == PGR_SUCCESS && PQtransactionStatus(s->conn) == PQTRANS_INTRANS) {
-    PGresult *res = PQexec(s->conn, "COMMIT");
-    if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-      a->r = A_OK;
-    } else if (PQstatus(s->conn) == CONNECTION_BAD) {
-      a->r = A_CONNLOST;
-    } else {
-      const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-      set_msg(a, A_RETRY, m ? m : "COMMIT failed");
-    }
-    PQclear(res);
+    close_attempt(s, c, a);
     goto out;
   }
   if (o == PGR_SUCCESS) {
