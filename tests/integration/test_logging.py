@@ -197,14 +197,23 @@ def test_json_format_lines_parse(mdb, workers, tmp_path):
     assert isinstance(s["duration_ms"], int) and s["attempt"] == 1
 
 
-def test_a_live_socket_is_not_stolen(mdb, workers, tmp_path):
+def test_a_second_worker_shares_the_directory_without_stealing_it(
+        mdb, workers, tmp_path):
+    """A second worker on the same --log-dir leaves the first one's socket
+    alone and sends its lines to it: one file holds both workers' lines."""
     d = tmp_path / "logs"
     d.mkdir()
     w1 = workers(mdb, "--log-dir", str(d))
     wait_until(worker_ready(d / "pgrunner.log"), what="worker registered")
+    ino = os.stat(d / "pgrunner.sock").st_ino
     w2 = workers(mdb, "--log-dir", str(d))
-    assert w2.proc.wait(30) != 0, "a second worker must not take the socket"
-    assert w1.alive()
+    wait_until(lambda: {x.get("pid") for x in records(d / "pgrunner.log")
+                        if x.get("msg") == "worker registered"}
+               >= {str(w1.pid), str(w2.pid)},
+               what="both workers' lines in the one file")
+    assert w1.alive() and w2.alive()
+    assert os.stat(d / "pgrunner.sock").st_ino == ino, "socket replaced"
+    assert w2.stop() == 0
     assert w1.stop() == 0
 
 
