@@ -195,6 +195,18 @@ static int command(PGconn *conn, const char *sql) {
   return ok ? 0 : PGR_EDB;
 }
 
+/* An attempt's identity as the text parameters ($1 task, $2 attempt,
+   $3 worker) of every statement that checks or records it. */
+struct attempt_ids {
+  char id[32], att[16], wid[32];
+};
+
+static void attempt_ids(struct attempt_ids *t, const struct pgr_claim *c) {
+  snprintf(t->id, sizeof t->id, "%lld", (long long)c->id);
+  snprintf(t->att, sizeof t->att, "%d", c->attempt);
+  snprintf(t->wid, sizeof t->wid, "%lld", (long long)c->worker_id);
+}
+
 /*
  * Collect the results of a pipeline of `n` commands plus its sync.
  * Returns the index of the first failed command (its message in a->msg,
@@ -241,46 +253,56 @@ static void pipeline_broken(PGconn *conn, struct attempt *a) {
   }
 }
 
+/* What one pipeline of an attempt carries (run_pipeline). */
+enum {
+  PIPE_OPEN = 1,  /* BEGIN, the optional time limit, the lock */
+  PIPE_CLOSE = 2, /* the success mark and COMMIT */
+};
+
 /*
- * Send BEGIN, the optional time limit, the lock, an optional SQL call and,
- * if `commit`, the success mark and COMMIT as one pipeline and read it back.
+ * Send `parts` of the attempt's transaction, with an optional SQL call
+ * between them, as one pipeline and read it back. A SQL-function task is
+ * one OPEN|CLOSE pipeline; a C handler runs between an OPEN and a CLOSE.
  */
 static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
-                         const char *call_sql, int commit, struct attempt *a) {
+                         const char *call_sql, int parts, struct attempt *a) {
   PGconn *conn = s->conn;
-  char id[32], att[16], wid[32], tmo[32], state[6];
-  const char *attempt_params[3] = {id, att, wid};
+  struct attempt_ids t;
+  char tmo[32], state[6];
+  const char *attempt_params[3] = {t.id, t.att, t.wid};
   const char *tmo_params[1] = {tmo};
   const char *call_params[1] = {c->payload};
-  int n = 0, step_lock, step_call = -1, step_complete = -1, step_commit = -1;
+  int n = 0, step_lock = -1, step_call = -1, step_complete = -1,
+      step_commit = -1;
   int override = c->timeout_s != s->pool->cfg->task_timeout_s;
 
-  snprintf(id, sizeof id, "%lld", (long long)c->id);
-  snprintf(att, sizeof att, "%d", c->attempt);
-  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  attempt_ids(&t, c);
   snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
 
   if (PQenterPipelineMode(conn) != 1)
     goto broken;
-  if (!PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0))
-    goto broken;
-  n++;
-  if (override) {
-    if (!PQsendQueryParams(conn,
-                           "SELECT set_config('statement_timeout', $1, true)",
-                           1, NULL, tmo_params, NULL, NULL, 0))
+  if (parts & PIPE_OPEN) {
+    if (!PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0))
       goto broken;
     n++;
+    if (override) {
+      if (!PQsendQueryParams(conn,
+                             "SELECT set_config('statement_timeout', $1, true)",
+                             1, NULL, tmo_params, NULL, NULL, 0))
+        goto broken;
+      n++;
+    }
+    if (!PQsendQueryPrepared(conn, "pgr_lock", 3, attempt_params, NULL, NULL,
+                             0))
+      goto broken;
+    step_lock = n++;
   }
-  if (!PQsendQueryPrepared(conn, "pgr_lock", 3, attempt_params, NULL, NULL, 0))
-    goto broken;
-  step_lock = n++;
   if (call_sql) {
     if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL, 0))
       goto broken;
     step_call = n++;
   }
-  if (commit) {
+  if (parts & PIPE_CLOSE) {
     if (!PQsendQueryPrepared(conn, "pgr_complete", 3, attempt_params, NULL,
                              NULL, 0))
       goto broken;
@@ -339,50 +361,11 @@ broken:
   pipeline_broken(conn, a);
 }
 
-/* The closing pair of a C handler's attempt, one pipeline: the success
-   mark (timed now that the handler is done) and COMMIT. */
-static void close_attempt(struct pgr_slot *s, struct pgr_claim *c,
-                          struct attempt *a) {
-  PGconn *conn = s->conn;
-  char id[32], att[16], wid[32], state[6];
-  const char *params[3] = {id, att, wid};
-
-  snprintf(id, sizeof id, "%lld", (long long)c->id);
-  snprintf(att, sizeof att, "%d", c->attempt);
-  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
-  if (PQenterPipelineMode(conn) != 1 ||
-      !PQsendQueryPrepared(conn, "pgr_complete", 3, params, NULL, NULL, 0) ||
-      !PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0) ||
-      !PQpipelineSync(conn))
-    goto broken;
-  int failed = pipeline_results(conn, 2, a, state);
-  if (failed < 0)
-    goto broken;
-  PQexitPipelineMode(conn);
-  if (failed == 2) {
-    a->r = A_OK;
-    return;
-  }
-  /* A failed mark leaves an aborted block; a failed COMMIT has ended it. */
-  if (failed == 0 && command(conn, "ROLLBACK") != 0 &&
-      PQstatus(conn) == CONNECTION_BAD) {
-    a->r = A_CONNLOST;
-    return;
-  }
-  if (failed == 0 && strcmp(state, "PR001") == 0)
-    a->r = A_LOST;
-  return;
-broken:
-  pipeline_broken(conn, a);
-}
-
 static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
                      struct attempt *a) {
-  char id[32], att[16], wid[32];
-  const char *params[3] = {id, att, wid};
-  snprintf(id, sizeof id, "%lld", (long long)c->id);
-  snprintf(att, sizeof att, "%d", c->attempt);
-  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  struct attempt_ids t;
+  const char *params[3] = {t.id, t.att, t.wid};
+  attempt_ids(&t, c);
 
   PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL, 0);
   if (PQresultStatus(res) == PGRES_COMMAND_OK) {
@@ -423,7 +406,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
   struct job_priv jp = {c, NULL};
   struct pgr_job job = {&task, s->conn, job_log, job_fail, &jp};
 
-  run_pipeline(s, c, NULL, 0, a);
+  run_pipeline(s, c, NULL, PIPE_OPEN, a);
   if (a->r != A_OK)
     return;
   enum pgr_outcome o = h->fn(&job, h->arg);
@@ -443,7 +426,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     goto out;
   }
   if (o == PGR_SUCCESS && PQtransactionStatus(s->conn) == PQTRANS_INTRANS) {
-    close_attempt(s, c, a);
+    run_pipeline(s, c, NULL, PIPE_CLOSE, a);
     goto out;
   }
   if (o == PGR_SUCCESS) {
@@ -492,12 +475,10 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
 /* Record a failed attempt; sets c->done and c->retry_at_ms. */
 static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
                    const char *error) {
-  char id[32], att[16], wid[32];
-  const char *params[5] = {id, att, wid, outcome, error};
+  struct attempt_ids t;
+  const char *params[5] = {t.id, t.att, t.wid, outcome, error};
 
-  snprintf(id, sizeof id, "%lld", (long long)c->id);
-  snprintf(att, sizeof att, "%d", c->attempt);
-  snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
+  attempt_ids(&t, c);
   int fallback = 0;
   for (;;) {
     PGresult *res =
@@ -638,7 +619,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
     call_sql = pgr_asprintf("SELECT %s.%s($1::jsonb)", schema, fn);
     PQfreemem(schema);
     PQfreemem(fn);
-    run_pipeline(s, c, call_sql, 1, &a);
+    run_pipeline(s, c, call_sql, PIPE_OPEN | PIPE_CLOSE, &a);
   } else {
     char m[512];
     snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
