@@ -73,6 +73,12 @@ void *pgr_realloc(void *p, size_t n) {
   return q;
 }
 
+void pgr_trim_end(char *s) {
+  size_t l = strlen(s);
+  while (l > 0 && (s[l - 1] == '\n' || s[l - 1] == ' ' || s[l - 1] == '\r'))
+    s[--l] = '\0';
+}
+
 char *pgr_strdup(const char *s) {
   return pgr_strndup(s, strlen(s));
 }

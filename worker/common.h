@@ -21,14 +21,14 @@
 
 enum {
   PGR_OK = 0,
-  PGR_EUSAGE = -1,   /* bad command line or configuration: exit 2 */
-  PGR_EDB = -2,      /* database error */
-  PGR_ECONN = -3,    /* could not connect / connection lost */
-  PGR_EJSON = -4,    /* malformed JSON */
-  PGR_EIO = -5,      /* file or socket I/O */
+  PGR_EUSAGE = -1, /* bad command line or configuration: exit 2 */
+  PGR_EDB = -2,    /* database error */
+  PGR_ECONN = -3,  /* could not connect / connection lost */
+  PGR_EJSON = -4,  /* malformed JSON */
+  PGR_EIO = -5,    /* file or socket I/O */
   PGR_ENOTFOUND = -6,
-  PGR_ESCHEMA = -7,  /* schema not migrated */
-  PGR_EINVAL = -8,   /* invalid argument */
+  PGR_ESCHEMA = -7, /* schema not migrated */
+  PGR_EINVAL = -8,  /* invalid argument */
 };
 
 const char *pgr_strerror(int err);
@@ -47,6 +47,9 @@ void *pgr_calloc(size_t n, size_t size);
 void *pgr_realloc(void *p, size_t n);
 char *pgr_strdup(const char *s);
 char *pgr_strndup(const char *s, size_t n);
+/* Cut trailing newlines, carriage returns and spaces (libpq's messages
+   end with a newline) in place. */
+void pgr_trim_end(char *s);
 char *pgr_asprintf(const char *fmt, ...) PGR_PRINTF(1, 2);
 
 /*

@@ -12,12 +12,6 @@
 #include "conninfo.h"
 #include "log.h"
 
-static void trim(char *s) {
-  size_t l = strlen(s);
-  while (l > 0 && (s[l - 1] == '\n' || s[l - 1] == ' ' || s[l - 1] == '\r'))
-    s[--l] = '\0';
-}
-
 int pgr_db_connect(const char *conninfo, const char *appname, PGconn **out,
                    char *errbuf, size_t errlen) {
   struct pgr_conninfo ci;
@@ -36,7 +30,7 @@ int pgr_db_connect(const char *conninfo, const char *appname, PGconn **out,
   }
   if (PQstatus(conn) != CONNECTION_OK) {
     char *safe = pgr_redact(conninfo, PQerrorMessage(conn));
-    trim(safe);
+    pgr_trim_end(safe);
     snprintf(errbuf, errlen, "could not connect to the database: %s", safe);
     free(safe);
     PQfinish(conn);
@@ -70,7 +64,7 @@ void pgr_db_describe_error(const PGresult *res, PGconn *conn, char *buf,
   if (primary == NULL) {
     snprintf(tmp, sizeof tmp, "%s",
              conn ? PQerrorMessage(conn) : "unknown error");
-    trim(tmp);
+    pgr_trim_end(tmp);
     primary = tmp;
   }
   if (pgr_db_schema_missing(state) && strstr(primary, "pgrunner")) {

@@ -57,9 +57,8 @@
  * lifetime (the kernel releases it if the worker dies), so two workers
  * starting at once cannot both replace the socket. A worker that finds the
  * lock taken is a client like the commands (one machine, several workers,
- * one file). A socket file on which
- * something accepts connections is never replaced; one that refuses them
- * was left by a dead worker and is.
+ * one file). A socket file on which something accepts connections is
+ * never replaced; one that refuses them was left by a dead worker and is.
  */
 #include "log.h"
 
@@ -1000,11 +999,8 @@ void pgr_log_reopen(void) {
 
 void pgr_log_pq_notice(void *arg, const char *msg) {
   char m[512];
-  size_t n;
   (void)arg;
   snprintf(m, sizeof m, "%s", msg ? msg : "");
-  n = strlen(m);
-  while (n > 0 && (m[n - 1] == '\n' || m[n - 1] == ' ' || m[n - 1] == '\r'))
-    m[--n] = '\0';
+  pgr_trim_end(m);
   pgr_debug("server notice", PGR_LS("notice", m));
 }

@@ -82,14 +82,14 @@ int main(int argc, char **argv) {
     pgr_config_free(&cfg);
     return 0;
   }
-  if (cfg.command == PGR_CMD_WORK &&
-      pgr_email_check_config(&cfg.smtp, err, sizeof err) != 0) {
-    fprintf(stderr, "pgrunner: %s\n", err);
-    pgr_config_free(&cfg);
-    return 2;
-  }
-  if (cfg.command == PGR_CMD_WORK)
+  if (cfg.command == PGR_CMD_WORK) {
+    if (pgr_email_check_config(&cfg.smtp, err, sizeof err) != 0) {
+      fprintf(stderr, "pgrunner: %s\n", err);
+      pgr_config_free(&cfg);
+      return 2;
+    }
     reexec_without_gnutls_init(argv);
+  }
 
   struct pgr_log_options lo = {
       .proc = proc_name(cfg.command),
