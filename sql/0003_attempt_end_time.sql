@@ -56,3 +56,15 @@ BEGIN
   END IF;
 END
 $$;
+
+-- mark_succeeded (0001) is what workers older than this migration call. It
+-- becomes the two steps above, so the checks and the mark live in one place.
+CREATE OR REPLACE FUNCTION pgrunner.mark_succeeded(task bigint, attempt int,
+                                                   worker bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pgrunner.lock_attempt(task, attempt, worker);
+  PERFORM pgrunner.complete_attempt(task, attempt, worker);
+END
+$$;
