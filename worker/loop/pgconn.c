@@ -11,9 +11,11 @@
 #include "loop/pgconn.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "log.h"
 
@@ -34,10 +36,20 @@ struct pgr_pgcmd {
   void *arg;
 };
 
+/*
+ * The handle polls its own duplicate of libpq's socket. libpq closes its
+ * descriptor by itself the moment it reads end-of-file (inside
+ * PQconsumeInput or PQgetResult), before we can stop polling it; a worker
+ * thread connecting at that moment gets the same number, and epoll_ctl on
+ * the old number would then watch that thread's socket (ThreadSanitizer
+ * caught it when a proxy cut both connections at once). A duplicate stays
+ * ours until the handle is closed.
+ */
 struct pgr_pgpoll {
   uv_poll_t handle;
   struct pgr_pgconn *owner;
-  int fd;
+  int fd;     /* libpq's descriptor number, to notice a new socket */
+  int own_fd; /* our duplicate, the one polled; closed with the handle */
 };
 
 static void on_poll(uv_poll_t *h, int status, int events);
@@ -56,6 +68,7 @@ static void cmd_free(struct pgr_pgcmd *cmd) {
 static void on_poll_closed(uv_handle_t *h) {
   struct pgr_pgpoll *p = h->data;
   struct pgr_pgconn *c = p->owner;
+  close(p->own_fd);
   free(p);
   if (c && --c->pending_closes == 0 && c->state == PGR_PGC_CLOSING &&
       c->close_cb)
@@ -85,11 +98,16 @@ static int watch(struct pgr_pgconn *c, int events, int fresh) {
   if (c->poll && (fresh || c->poll->fd != fd))
     unwatch(c);
   if (c->poll == NULL) {
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0)
+      return PGR_ECONN;
     struct pgr_pgpoll *p = pgr_calloc(1, sizeof *p);
     p->owner = c;
     p->fd = fd;
+    p->own_fd = own;
     p->handle.data = p;
-    if (uv_poll_init(c->loop, &p->handle, fd) != 0) {
+    if (uv_poll_init(c->loop, &p->handle, own) != 0) {
+      close(own);
       free(p);
       return PGR_ECONN;
     }
