@@ -188,3 +188,13 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) {
   va_end(ap);
   b->len += (size_t)n;
 }
+
+void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s) {
+  pgr_buf_addc(b, '"');
+  for (; *s; s++) {
+    if (*s == '"' || *s == '\\')
+      pgr_buf_addc(b, '\\');
+    pgr_buf_addc(b, *s);
+  }
+  pgr_buf_addc(b, '"');
+}

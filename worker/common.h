@@ -88,6 +88,19 @@ void pgr_buf_add(struct pgr_buf *b, const char *s, size_t n);
 void pgr_buf_adds(struct pgr_buf *b, const char *s);
 void pgr_buf_addc(struct pgr_buf *b, char c);
 void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
+/*
+ * Sent on the connections that run only pgrunner's own statements (the
+ * loop's two, `status`): each of those statements was written to read a
+ * bounded index range, and this keeps stale statistics (a bulk insert
+ * nobody analyzed) or a cached generic plan from swapping that for a read
+ * of the whole table. tests/integration/test_plans.py checks the plans.
+ */
+#define PGR_PLANNER_SETTINGS                                                   \
+  "SET enable_seqscan = off; SET enable_bitmapscan = off; "                    \
+  "SET enable_hashjoin = off; SET enable_mergejoin = off"
+
+/* One element of a PostgreSQL array literal: double-quoted, escaped. */
+void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);
 
 #define pgr_container_of(ptr, type, member)                                    \
   ((type *)((char *)(ptr)-offsetof(type, member)))

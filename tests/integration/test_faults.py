@@ -344,7 +344,7 @@ def test_restart_while_idle_spends_no_attempt(own_pg, fw, mode):
     _, name = registered(db, w)
     wait(db, lambda: db.scalar("SELECT count(*) FROM pg_stat_activity "
                                "WHERE application_name = %s", (name,))
-         == conc + 1, "the loop and every thread to connect", w)
+         == conc + 2, "the loop's two and every thread to connect", w)
     restart_pg(own_pg, mode)
     db.close()  # the old session died with the server
     ids = [add(db, "slow", {"k": f"r{i}", "sleep": 0.2}, max_attempts=1)
@@ -692,11 +692,11 @@ def test_long_healthy_task_is_not_stolen(mdb, fw):
 
 def loop_backend(db, name):
     """The backend of worker `name`'s loop connection (the one that
-    heartbeats)."""
+    listens and claims; the other loop connection heartbeats and prunes)."""
     rows = db.query(
         "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
-        "AND (query LIKE '%%pgrunner.heartbeat(%%' OR query LIKE 'WITH q AS%%'"
-        "     OR query LIKE 'LISTEN%%' OR query LIKE '%%pgrunner.prune(%%')",
+        "AND (query LIKE 'WITH q AS%%' OR query LIKE '%%LISTEN%%'"
+        "     OR query LIKE '%%pgrunner.release_unknown(%%')",
         (name,))
     return rows[0][0] if len(rows) == 1 else None
 

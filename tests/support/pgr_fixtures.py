@@ -50,7 +50,8 @@ def _as_pg_user():
 
 
 class PgServer:
-    def __init__(self):
+    def __init__(self, extra_conf=""):
+        self.extra_conf = extra_conf
         self.tmp = tempfile.mkdtemp(prefix="pgr-test-pg-")
         self.data = os.path.join(self.tmp, "data")
         self.port = free_port()
@@ -79,7 +80,7 @@ class PgServer:
                     f"unix_socket_directories = '{self.tmp}'\n"
                     "max_connections = 200\n"
                     "fsync = on\n"
-                    "log_min_messages = warning\n")
+                    "log_min_messages = warning\n" + self.extra_conf)
         self.pg_ctl("start", "-w", "-t", "60")
 
     def pg_ctl(self, *args):

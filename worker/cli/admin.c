@@ -17,9 +17,55 @@
 static const char *states[] = {"queued", "running", "succeeded", "failed",
                                "cancelled"};
 
+/*
+ * Counts that cost the same whatever the table holds: each reads at most
+ * STATUS_LIMIT index entries per queue and state (more queued tasks show
+ * as "10000+"). Queued: per queue (the queues found by skipping through
+ * tasks_claim_idx). Running: all of them (bounded by the live workers).
+ * Finished states: among the STATUS_LIMIT most recent of each index, so a
+ * full window means "at least". Rows: queue, state, count, capped.
+ */
+#define STATUS_LIMIT 10000
+#define STR_(x) #x
+#define STR(x) STR_(x)
 static const char counts_sql[] =
-    "SELECT queue, state, count(*) FROM pgrunner.tasks "
-    "GROUP BY queue, state ORDER BY queue, state";
+    "WITH RECURSIVE qn AS ("
+    "  (SELECT t.queue FROM pgrunner.tasks t WHERE t.state = 'queued'"
+    "    ORDER BY t.queue LIMIT 1)"
+    "  UNION ALL"
+    "  SELECT (SELECT t.queue FROM pgrunner.tasks t"
+    "           WHERE t.state = 'queued' AND t.queue > qn.queue"
+    "           ORDER BY t.queue LIMIT 1)"
+    "    FROM qn WHERE qn.queue IS NOT NULL"
+    "), done AS ("
+    "  SELECT t.queue, t.state FROM pgrunner.tasks t"
+    "   WHERE t.state = 'succeeded' ORDER BY t.finished_at DESC"
+    "   LIMIT " STR(STATUS_LIMIT) ""
+    "), ended AS ("
+    "  SELECT t.queue, t.state FROM pgrunner.tasks t"
+    "   WHERE t.state IN ('failed', 'cancelled') ORDER BY t.finished_at DESC"
+    "   LIMIT " STR(STATUS_LIMIT) ""
+    ") "
+    "SELECT queue, state, n, capped FROM ("
+    "  SELECT qn.queue, 'queued' AS state, least(c.n, " STR(STATUS_LIMIT) ") AS n,"
+    "         c.n > " STR(STATUS_LIMIT) " AS capped"
+    "    FROM qn CROSS JOIN LATERAL ("
+    "      SELECT count(*) AS n FROM (SELECT 1 FROM pgrunner.tasks t"
+    "        WHERE t.state = 'queued' AND t.queue = qn.queue"
+    "        LIMIT " STR(STATUS_LIMIT) " + 1) x) c"
+    "   WHERE qn.queue IS NOT NULL"
+    "  UNION ALL"
+    "  SELECT t.queue, 'running', count(*), false FROM pgrunner.tasks t"
+    "   WHERE t.state = 'running' GROUP BY t.queue"
+    "  UNION ALL"
+    "  SELECT d.queue, d.state, count(*),"
+    "         (SELECT count(*) FROM done) >= " STR(STATUS_LIMIT) ""
+    "    FROM done d GROUP BY d.queue, d.state"
+    "  UNION ALL"
+    "  SELECT e.queue, e.state, count(*),"
+    "         (SELECT count(*) FROM ended) >= " STR(STATUS_LIMIT) ""
+    "    FROM ended e GROUP BY e.queue, e.state"
+    ") s ORDER BY queue, state";
 static const char workers_sql[] =
     "SELECT id, name, coalesce(host, ''), coalesce(pid, 0),"
     " array_to_string(queues, ','), coalesce(concurrency, 0),"
@@ -31,7 +77,7 @@ static const char failures_sql[] =
     " to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
     " coalesce(last_error, '') "
     "FROM pgrunner.tasks WHERE state = 'failed' "
-    "ORDER BY finished_at DESC NULLS LAST, id DESC LIMIT 10";
+    "ORDER BY finished_at DESC LIMIT 10"; /* tasks_ended_idx, backwards */
 
 static int state_index(const char *s) {
   for (int i = 0; i < 5; i++)
@@ -45,20 +91,30 @@ static void print_text(PGresult *counts, PGresult *workers,
   printf("%-20s %10s %10s %10s %10s %10s\n", "QUEUE", "QUEUED", "RUNNING",
          "SUCCEEDED", "FAILED", "CANCELLED");
   int n = PQntuples(counts);
+  int any_capped = 0;
   for (int i = 0; i < n;) {
     const char *q = PQgetvalue(counts, i, 0);
-    long long c[5] = {0};
+    char c[5][24];
+    for (int s = 0; s < 5; s++)
+      strcpy(c[s], "0");
     while (i < n && strcmp(PQgetvalue(counts, i, 0), q) == 0) {
       int s = state_index(PQgetvalue(counts, i, 1));
+      int capped = PQgetvalue(counts, i, 3)[0] == 't';
       if (s >= 0)
-        c[s] = atoll(PQgetvalue(counts, i, 2));
+        snprintf(c[s], sizeof c[s], "%lld%s",
+                 atoll(PQgetvalue(counts, i, 2)), capped ? "+" : "");
+      any_capped |= capped;
       i++;
     }
-    printf("%-20s %10lld %10lld %10lld %10lld %10lld\n", q, c[0], c[1], c[2],
-           c[3], c[4]);
+    printf("%-20s %10s %10s %10s %10s %10s\n", q, c[0], c[1], c[2], c[3],
+           c[4]);
   }
   if (n == 0)
     printf("(no tasks)\n");
+  if (any_capped)
+    printf("(N+: at least N; status reads at most %d tasks per queue and "
+           "state, and the %d most recent finished ones)\n",
+           STATUS_LIMIT, STATUS_LIMIT);
   printf("\nWORKERS: %d live\n", PQntuples(workers));
   for (int i = 0; i < PQntuples(workers); i++)
     printf("  %s host=%s pid=%s queues=%s concurrency=%s started=%s "
@@ -86,6 +142,7 @@ static void print_json(PGresult *counts, PGresult *workers,
   json_t *ws = json_array();
   json_t *fs = json_array();
   json_t *totals = json_object();
+  int exact = 1;
 
   for (int s = 0; s < 5; s++)
     json_object_set_new(totals, states[s], json_integer(0));
@@ -93,6 +150,8 @@ static void print_json(PGresult *counts, PGresult *workers,
     const char *q = PQgetvalue(counts, i, 0);
     const char *st = PQgetvalue(counts, i, 1);
     json_int_t c = atoll(PQgetvalue(counts, i, 2));
+    if (PQgetvalue(counts, i, 3)[0] == 't')
+      exact = 0;
     json_t *qo = json_object_get(queues, q);
     if (qo == NULL) {
       qo = json_object();
@@ -127,6 +186,9 @@ static void print_json(PGresult *counts, PGresult *workers,
                       PQgetvalue(failures, i, 5)));
   json_object_set_new(root, "queues", queues);
   json_object_set_new(root, "totals", totals);
+  /* false: some counts are lower bounds (see counts_sql) */
+  json_object_set_new(root, "counts_exact", json_boolean(exact));
+  json_object_set_new(root, "count_limit", json_integer(STATUS_LIMIT));
   json_object_set_new(root, "workers", ws);
   json_object_set_new(root, "live_workers", json_integer(PQntuples(workers)));
   json_object_set_new(root, "recent_failures", fs);
@@ -144,6 +206,8 @@ int pgr_cmd_status(const struct pgr_config *cfg) {
 
   if ((rc = pgr_db_connect(cfg->db, "pgrunner status", &conn, err,
                            sizeof err)) != 0)
+    goto out;
+  if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS, err, sizeof err)) != 0)
     goto out;
   /* One snapshot for the three queries. */
   if ((rc = pgr_db_command(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ "
@@ -190,6 +254,8 @@ static int task_call(const struct pgr_config *cfg, const char *what,
   snprintf(idbuf, sizeof idbuf, "%lld", (long long)cfg->task_id);
   snprintf(appname, sizeof appname, "pgrunner %s", what);
   if ((rc = pgr_db_connect(cfg->db, appname, &conn, err, sizeof err)) != 0)
+    goto out;
+  if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS, err, sizeof err)) != 0)
     goto out;
   res = pgr_db_exec(conn, sql, 1, params, err, sizeof err, sqlstate);
   if (res == NULL) {

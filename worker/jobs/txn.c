@@ -49,12 +49,7 @@ static const char lock_sql[] =
 static const char complete_sql[] =
     "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint)";
 static const char noop_sql[] =
-    "UPDATE pgrunner.tasks SET state = 'succeeded',"
-    " finished_at = clock_timestamp(),"
-    " last_error = NULL "
-    "WHERE id = $1::bigint AND state = 'running' AND attempts = $2::int"
-    " AND worker_id = $3::bigint AND NOT EXISTS (SELECT 1 FROM"
-    " pgrunner.cancel_requests c WHERE c.task_id = $1::bigint)";
+    "SELECT pgrunner.complete_noop($1::bigint, $2::int, $3::bigint)";
 static const char finish_sql[] =
     "SELECT new_state, run_at_ms FROM pgrunner.finish_attempt($1::bigint,"
     " $2::int, $3::bigint, $4, $5)";
@@ -166,7 +161,6 @@ int pgr_txn_connect(struct pgr_slot *s) {
   } prep[] = {
       {"pgr_lock", lock_sql},   {"pgr_complete", complete_sql},
       {"pgr_noop", noop_sql},   {"pgr_finish", finish_sql},
-      {"pgr_check", check_sql},
   };
   for (size_t i = 0; i < PGR_ARRAY_LEN(prep); i++) {
     PGresult *res = PQprepare(conn, prep[i].name, prep[i].sql, 0, NULL);
@@ -368,10 +362,10 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
   attempt_ids(&t, c);
 
   PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL, 0);
-  if (PQresultStatus(res) == PGRES_COMMAND_OK) {
-    /* No row: not ours any more, or cancelled; finish_attempt() tells
+  if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+    /* false: not ours any more, or cancelled; finish_attempt() tells
        which (it records nothing for an attempt that is not ours). */
-    a->r = strcmp(PQcmdTuples(res), "1") == 0 ? A_OK : A_CANCELLED;
+    a->r = strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? A_OK : A_CANCELLED;
   } else if (PQstatus(s->conn) == CONNECTION_BAD) {
     a->r = A_CONNLOST;
   } else {
@@ -452,8 +446,9 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
   for (;;) {
     if (pgr_txn_connect(s) != 0)
       return A_LOST; /* stopping: recovery will see to the task */
+    /* Unnamed, so planned for the table as it is now; a rare path. */
     PGresult *res =
-        PQexecPrepared(s->conn, "pgr_check", 1, params, NULL, NULL, 0);
+        PQexecParams(s->conn, check_sql, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
           atoll(PQgetvalue(res, 0, 2)) == c->worker_id) {

@@ -18,10 +18,20 @@
 #include "loop/pgconn.h"
 #include "pool.h"
 
+/* Where the next claim of one queue starts: just after the last task this
+   worker claimed from it (see claim_sql in listener.c). */
+struct pgr_cursor {
+  int set; /* 0: from the front of the queue */
+  int priority;
+  char run_at[64]; /* as the server printed it; sent back as it was */
+  int64_t id;
+};
+
 struct pgr_loop {
   const struct pgr_config *cfg;
   uv_loop_t loop;
-  struct pgr_pgconn pg;
+  struct pgr_pgconn pg;    /* LISTEN and claims (listener.c) */
+  struct pgr_pgconn maint; /* heartbeat and retention (janitor.c) */
   struct pgr_pool *pool;
   const struct pgr_handlers *handlers;
 
@@ -43,7 +53,10 @@ struct pgr_loop {
   struct pgr_claim *inflight;
   int ninflight;
   int *queue_running; /* per cfg->queues index */
+  struct pgr_cursor *cursors; /* per cfg->queues index */
+  uint64_t swept_ms;          /* last claim from the front of every queue */
 
+  int session_ready; /* LISTEN and the claim are set up on pg */
   int registered;  /* heartbeat succeeded on the current connection */
   int releasing;   /* release_unknown in flight */
   unsigned ticks;  /* heartbeat timer ticks */
@@ -52,6 +65,7 @@ struct pgr_loop {
   int more;        /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int prune_busy;
+  int64_t pruned; /* by the current run of full batches */
   int shutting_down;
   int interrupted_all;
   int closing;
@@ -65,8 +79,16 @@ void pgr_listener_on_notify(struct pgr_pgconn *c, const char *channel,
                             const char *payload);
 void pgr_listener_claim(struct pgr_loop *l);
 void pgr_listener_wake_at(struct pgr_loop *l, int64_t at_ms);
-void pgr_listener_heartbeat(struct pgr_loop *l);
+void pgr_listener_on_heartbeat(struct pgr_loop *l);
+void pgr_listener_release_unknown(struct pgr_loop *l);
 void pgr_listener_start_timers(struct pgr_loop *l);
+
+/* janitor.c */
+PGR_MUSTCHECK int pgr_janitor_init(struct pgr_loop *l, char *err,
+                                   size_t errlen);
+void pgr_janitor_start(struct pgr_loop *l);
+void pgr_janitor_stop(struct pgr_loop *l);
+void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c);
 
 /* dispatch.c */
 void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c);

@@ -22,70 +22,81 @@
 #include "metrics.h"
 
 /*
- * $1 worker id, $2 queue names, $3 per-queue limits, $4 total.
- * UPDATE ... RETURNING has no order of its own, so the rows are sorted
- * by priority, run_at and id before they are handed out. The last row (id NULL)
- * carries the milliseconds until the next future task of our queues.
+ * $1 worker id, $2 queue names, $3 per-queue limits, $4 total, and per
+ * queue a cursor: $5 priority, $6 run_at (as text), $7 id of the last task
+ * this worker claimed from that queue, or the front of the queue.
+ *
+ * Every part is an index range that cannot grow with the table, whatever
+ * the statistics say (the plan is generic: see setup_session):
+ *   - per queue, two ordered scans of tasks_claim_idx, each under its LIMIT:
+ *     tasks more urgent than the cursor's priority (they may arrive at any
+ *     time), then the tasks after the cursor. The cursor is what keeps the
+ *     claim cheap while something else holds back vacuum: the entries of
+ *     the tasks we claimed before it stay in the index, dead but not yet
+ *     removable, and a scan from the front would visit each of them;
+ *   - the UPDATE finds its rows by primary key (= ANY of an array), never
+ *     by a join that the planner may turn into a scan of the whole table;
+ *   - the wake-up time is, per queue, the first entry of tasks_run_at_idx
+ *     after now().
+ * UPDATE ... RETURNING has no order of its own, so the rows are sorted by
+ * priority, run_at and id before they are handed out. Column 10 says which
+ * scan found the row (2: after the cursor). The last row (id NULL) carries
+ * the milliseconds until the next future task of our queues.
  */
 static const char claim_sql[] =
     "WITH q AS ("
-    "  SELECT * FROM unnest($2::text[], $3::int[]) AS q(name, lim)"
+    "  SELECT * FROM unnest($2::text[], $3::int[], $5::int[],"
+    "                       $6::timestamptz[], $7::bigint[])"
+    "           AS q(name, lim, cp, cr, ci)"
     "), c AS ("
-    "  SELECT t.id FROM q CROSS JOIN LATERAL ("
-    "    SELECT t.id, t.priority, t.run_at FROM pgrunner.tasks t"
-    "     WHERE t.state = 'queued' AND t.queue = q.name AND t.run_at <= now()"
-    "     ORDER BY t.priority, t.run_at, t.id"
-    "     LIMIT q.lim FOR UPDATE SKIP LOCKED) t"
-    "  ORDER BY t.priority, t.run_at, t.id LIMIT $4"
+    "  SELECT x.id, x.scan, x.priority, x.run_at"
+    "    FROM q CROSS JOIN LATERAL ("
+    "    SELECT * FROM ("
+    "      SELECT * FROM (SELECT t.id, 1 AS scan, t.priority, t.run_at"
+    "         FROM pgrunner.tasks t"
+    "        WHERE t.state = 'queued' AND t.queue = q.name"
+    "          AND t.priority < q.cp AND t.run_at <= now()"
+    "        ORDER BY t.priority, t.run_at, t.id"
+    "        LIMIT q.lim FOR UPDATE SKIP LOCKED) b1"
+    "      UNION ALL"
+    "      SELECT * FROM (SELECT t.id, 2 AS scan, t.priority, t.run_at"
+    "         FROM pgrunner.tasks t"
+    "        WHERE t.state = 'queued' AND t.queue = q.name"
+    "          AND (t.priority, t.run_at, t.id) > (q.cp, q.cr, q.ci)"
+    "          AND t.run_at <= now()"
+    "        ORDER BY t.priority, t.run_at, t.id"
+    "        LIMIT q.lim FOR UPDATE SKIP LOCKED) b2"
+    "    ) b LIMIT q.lim"
+    "  ) x"
+    "  ORDER BY x.priority, x.run_at, x.id LIMIT $4"
     "), u AS ("
     "  UPDATE pgrunner.tasks t SET state = 'running',"
     "         attempts = t.attempts + 1, started_at = now(), worker_id = $1,"
     "         finished_at = NULL"
-    "    FROM c WHERE t.id = c.id"
+    "   WHERE t.id = ANY (ARRAY(SELECT c.id FROM c))"
     "  RETURNING t.id, t.queue, t.kind, t.payload::text, t.attempts,"
     "            t.max_attempts, t.timeout_seconds, t.priority,"
     "            t.run_at"
     ") "
     "SELECT id, queue, kind, payload, attempts, max_attempts,"
-    "       timeout_seconds, priority, NULL::float8 "
-    "  FROM (SELECT * FROM u ORDER BY priority, run_at, id) s "
+    "       timeout_seconds, priority, NULL::float8, run_at::text, scan "
+    "  FROM (SELECT u.*, c.scan FROM u JOIN c ON c.id = u.id"
+    "         ORDER BY u.priority, u.run_at, u.id) s "
     "UNION ALL "
     "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-    "       ceil(extract(epoch FROM (SELECT min(t.run_at)"
-    "                                  FROM pgrunner.tasks t"
-    "                                 WHERE t.state = 'queued'"
-    "                                   AND t.attempts >= 0"
-    "                                   AND t.queue = ANY($2::text[])"
-    "                                   AND t.run_at > now()) - now())"
-    "            * 1000)";
-
-static const char heartbeat_sql[] =
-    "SELECT pgrunner.heartbeat($1::bigint, $2, $3, $4::int, $5::text[],"
-    " $6::int)";
+    "       ceil(extract(epoch FROM (SELECT min(n.run_at) FROM q"
+    "                                 CROSS JOIN LATERAL ("
+    "                                  SELECT t.run_at FROM pgrunner.tasks t"
+    "                                   WHERE t.state = 'queued'"
+    "                                     AND t.attempts >= 0"
+    "                                     AND t.queue = q.name"
+    "                                     AND t.run_at > now()"
+    "                                   ORDER BY t.run_at LIMIT 1) n)"
+    "                              - now()) * 1000),"
+    "       NULL, NULL";
 
 static struct pgr_loop *loop_of(struct pgr_pgconn *c) {
   return c->data;
-}
-
-/* Append a text[] literal element, double-quoted and escaped. */
-static void array_elem(struct pgr_buf *b, const char *s) {
-  pgr_buf_addc(b, '"');
-  for (; *s; s++) {
-    if (*s == '"' || *s == '\\')
-      pgr_buf_addc(b, '\\');
-    pgr_buf_addc(b, *s);
-  }
-  pgr_buf_addc(b, '"');
-}
-
-static void queues_literal(const struct pgr_config *cfg, struct pgr_buf *b) {
-  pgr_buf_addc(b, '{');
-  for (size_t i = 0; i < cfg->nqueues; i++) {
-    if (i)
-      pgr_buf_addc(b, ',');
-    array_elem(b, cfg->queues[i].name);
-  }
-  pgr_buf_addc(b, '}');
 }
 
 static int queue_index(const struct pgr_config *cfg, const char *name) {
@@ -147,6 +158,19 @@ static void on_claimed(struct pgr_pgconn *pc, PGresult *res, void *arg) {
     c->priority = atoi(PQgetvalue(res, i, 7));
     c->worker_id = l->worker_id;
     c->queue_index = queue_index(l->cfg, c->queue);
+    /* Rows come in claim order, so the last one found after a queue's
+       cursor moves it. One found before it (more urgent) leaves it: moving
+       back would make every later claim walk the entries in between. */
+    if (c->queue_index >= 0 && atoi(PQgetvalue(res, i, 10)) == 2) {
+      struct pgr_cursor *cur = &l->cursors[c->queue_index];
+      const char *at = PQgetvalue(res, i, 9);
+      if (strlen(at) < sizeof cur->run_at) {
+        cur->set = 1;
+        cur->priority = c->priority;
+        strcpy(cur->run_at, at);
+        cur->id = c->id;
+      }
+    }
     pgr_dispatch_submit(l, c);
     got++;
   }
@@ -158,9 +182,21 @@ static void on_claimed(struct pgr_pgconn *pc, PGresult *res, void *arg) {
     pgr_listener_claim(l);
 }
 
+/* How often a claim starts from the front of every queue all the same: a
+   task can land behind a cursor (inserted with an old run_at, or given
+   back by another worker's claim that rolled back), and this bounds how
+   long it waits. Under a long transaction elsewhere such a claim walks
+   every dead entry, so not more often than this. */
+#define SWEEP_EVERY_MS 1000
+
+static void reset_cursors(struct pgr_loop *l) {
+  for (size_t i = 0; i < l->cfg->nqueues; i++)
+    l->cursors[i].set = 0;
+}
+
 void pgr_listener_claim(struct pgr_loop *l) {
   const struct pgr_config *cfg = l->cfg;
-  struct pgr_buf names, limits;
+  struct pgr_buf names, limits, prios, ats, ids;
   char wid[32], total[16];
   int free_slots, any = 0;
 
@@ -179,58 +215,71 @@ void pgr_listener_claim(struct pgr_loop *l) {
   free_slots = cfg->concurrency - l->ninflight;
   if (free_slots <= 0)
     return;
+  uint64_t now = uv_now(&l->loop);
+  if (now - l->swept_ms >= SWEEP_EVERY_MS) {
+    l->swept_ms = now;
+    reset_cursors(l);
+  }
 
   pgr_buf_init(&names);
   pgr_buf_init(&limits);
-  pgr_buf_addc(&names, '{');
-  pgr_buf_addc(&limits, '{');
+  pgr_buf_init(&prios);
+  pgr_buf_init(&ats);
+  pgr_buf_init(&ids);
   for (size_t i = 0; i < cfg->nqueues; i++) {
+    const struct pgr_cursor *cur = &l->cursors[i];
     int lim = free_slots;
     if (cfg->queues[i].cap > 0 &&
         cfg->queues[i].cap - l->queue_running[i] < lim)
       lim = cfg->queues[i].cap - l->queue_running[i];
     if (lim <= 0)
       continue;
-    if (any) {
-      pgr_buf_addc(&names, ',');
-      pgr_buf_addc(&limits, ',');
+    const char *sep = any ? "," : "{";
+    pgr_buf_printf(&names, "%s", sep);
+    pgr_buf_add_array_elem(&names, cfg->queues[i].name);
+    pgr_buf_printf(&limits, "%s%d", sep, lim);
+    if (cur->set) {
+      pgr_buf_printf(&prios, "%s%d", sep, cur->priority);
+      pgr_buf_printf(&ats, "%s", sep);
+      pgr_buf_add_array_elem(&ats, cur->run_at);
+      pgr_buf_printf(&ids, "%s%lld", sep, (long long)cur->id);
+    } else {
+      /* The front: before any task that can exist. */
+      pgr_buf_printf(&prios, "%s-2147483648", sep);
+      pgr_buf_printf(&ats, "%s-infinity", sep);
+      pgr_buf_printf(&ids, "%s-9223372036854775808", sep);
     }
-    array_elem(&names, cfg->queues[i].name);
-    pgr_buf_printf(&limits, "%d", lim);
     any = 1;
   }
-  pgr_buf_addc(&names, '}');
-  pgr_buf_addc(&limits, '}');
   if (any) {
-    const char *params[4] = {wid, names.data, limits.data, total};
+    pgr_buf_addc(&names, '}');
+    pgr_buf_addc(&limits, '}');
+    pgr_buf_addc(&prios, '}');
+    pgr_buf_addc(&ats, '}');
+    pgr_buf_addc(&ids, '}');
+    const char *params[7] = {wid,   names.data, limits.data, total,
+                             prios.data, ats.data, ids.data};
     snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
     snprintf(total, sizeof total, "%d", free_slots);
     l->more = 0;
     l->claim_asked = free_slots;
-    if (pgr_pgconn_execute(&l->pg, "pgr_claim", 4, params, on_claimed, l) == 0)
+    if (pgr_pgconn_execute(&l->pg, "pgr_claim", 7, params, on_claimed, l) == 0)
       l->claiming = 1;
   }
   pgr_buf_free(&names);
   pgr_buf_free(&limits);
+  pgr_buf_free(&prios);
+  pgr_buf_free(&ats);
+  pgr_buf_free(&ids);
 }
 
 static void release_unknown(struct pgr_loop *l);
 
-static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
-  struct pgr_loop *l = arg;
-  (void)pc;
-  l->heartbeat_busy = 0;
-  if (res == NULL)
-    return;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("heartbeat failed", PGR_LS("error", m ? m : "unknown error"));
-    return;
-  }
-  int recovered = atoi(PQgetvalue(res, 0, 0));
-  if (recovered > 0)
-    pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", recovered));
-  if (!l->registered && !l->releasing)
+/* A heartbeat succeeded (janitor.c): the worker's row exists. On a new
+   connection, what is left before the first claim is giving back what a
+   lost claim may have left running under our name. */
+void pgr_listener_on_heartbeat(struct pgr_loop *l) {
+  if (!l->registered && !l->releasing && l->session_ready)
     release_unknown(l);
 }
 
@@ -291,24 +340,6 @@ static void release_unknown(struct pgr_loop *l) {
                        2, params, on_released, l) == 0)
     l->releasing = 1;
   pgr_buf_free(&known);
-}
-
-void pgr_listener_heartbeat(struct pgr_loop *l) {
-  struct pgr_buf qs;
-  char wid[32], pid[16], conc[16];
-
-  if (l->heartbeat_busy || l->closing || !pgr_pgconn_ready(&l->pg))
-    return;
-  pgr_buf_init(&qs);
-  queues_literal(l->cfg, &qs);
-  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
-  snprintf(pid, sizeof pid, "%d", (int)getpid());
-  snprintf(conc, sizeof conc, "%d", l->cfg->concurrency);
-  const char *params[6] = {wid, l->appname, l->hostname, pid, qs.data, conc};
-  if (pgr_pgconn_execute(&l->pg, "pgr_heartbeat", 6, params, on_heartbeat, l) ==
-      0)
-    l->heartbeat_busy = 1;
-  pgr_buf_free(&qs);
 }
 
 static void setup_session(struct pgr_loop *l);
@@ -391,10 +422,13 @@ static void setup_session(struct pgr_loop *l) {
                        0, NULL, on_setup, l) != 0 ||
       pgr_pgconn_query(c, "SET plan_cache_mode = force_generic_plan", 0, NULL,
                        on_optional_setup, l) != 0 ||
-      pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0 ||
-      pgr_pgconn_prepare(c, "pgr_heartbeat", heartbeat_sql, on_setup, l) != 0)
+      pgr_pgconn_query(c, PGR_PLANNER_SETTINGS, 0, NULL, on_setup, l) != 0 ||
+      pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0)
     return;
-  pgr_listener_heartbeat(l);
+  l->session_ready = 1;
+  /* Register (heartbeat) on this connection: the claims that follow must
+     find the worker's row, or recovery would take their tasks back. */
+  pgr_janitor_heartbeat(l, c);
 }
 
 void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
@@ -402,8 +436,8 @@ void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
   l->registered = 0;
   l->releasing = 0;
   l->claiming = 0;
-  l->heartbeat_busy = 0;
-  l->prune_busy = 0;
+  l->session_ready = 0;
+  reset_cursors(l);
   pgr_metrics_set_db_up(0);
   pgr_warn("database connection lost; reconnecting", PGR_LS("error", why));
   if (l->shutting_down)
@@ -431,51 +465,14 @@ static void on_poll_timer(uv_timer_t *t) {
   pgr_listener_claim(l);
 }
 
-#define RELEASE_EVERY_TICKS 5
-
-static void on_heartbeat_timer(uv_timer_t *t) {
-  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
-  pgr_listener_heartbeat(l);
-  if (++l->ticks % RELEASE_EVERY_TICKS == 0 && l->registered && !l->claiming &&
-      !l->releasing && !l->shutting_down && pgr_pgconn_ready(&l->pg))
+/* Every few seconds, while no claim is in flight: see release_unknown. */
+void pgr_listener_release_unknown(struct pgr_loop *l) {
+  if (l->registered && !l->claiming && !l->releasing && !l->shutting_down &&
+      pgr_pgconn_ready(&l->pg))
     release_unknown(l);
-}
-
-static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
-  struct pgr_loop *l = arg;
-  (void)pc;
-  l->prune_busy = 0;
-  if (res == NULL)
-    return;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("retention pruning failed", PGR_LS("error", m ? m : "?"));
-    return;
-  }
-  int n = atoi(PQgetvalue(res, 0, 0));
-  if (n > 0)
-    pgr_info("pruned succeeded tasks", PGR_LI("tasks", n));
-  /* A full batch: more to go, soon. */
-  if (n >= 10000)
-    uv_timer_start(&l->prune_timer, l->prune_timer.timer_cb, 1000, 60000);
-}
-
-static void on_prune_timer(uv_timer_t *t) {
-  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, prune_timer);
-  char secs[32];
-  const char *params[1] = {secs};
-  if (l->prune_busy || l->shutting_down || !l->registered)
-    return;
-  snprintf(secs, sizeof secs, "%lld", (long long)l->cfg->retention_s);
-  if (pgr_pgconn_query(&l->pg,
-                       "SELECT pgrunner.prune(make_interval(secs => $1))", 1,
-                       params, on_pruned, l) == 0)
-    l->prune_busy = 1;
 }
 
 void pgr_listener_start_timers(struct pgr_loop *l) {
   uint64_t poll = (uint64_t)l->cfg->poll_interval_ms;
   uv_timer_start(&l->poll_timer, on_poll_timer, poll, poll);
-  uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000, 1000);
-  uv_timer_start(&l->prune_timer, on_prune_timer, 5000, 60000);
 }

@@ -53,6 +53,7 @@ static void close_all(struct pgr_loop *l) {
   uv_close((uv_handle_t *)&l->sighup, on_closed);
   uv_close((uv_handle_t *)&l->done_async, on_closed);
   pgr_pgconn_close(&l->pg, on_pg_closed);
+  pgr_pgconn_close(&l->maint, on_pg_closed);
 }
 
 static void on_deregistered(struct pgr_pgconn *c, PGresult *res, void *arg) {
@@ -108,7 +109,7 @@ static void begin_shutdown(struct pgr_loop *l, const char *why) {
            PGR_LI("timeout_s", l->cfg->shutdown_timeout_s));
   uv_timer_stop(&l->poll_timer);
   uv_timer_stop(&l->wake_timer);
-  uv_timer_stop(&l->prune_timer);
+  pgr_janitor_stop(l);
   pgr_dispatch_give_back(l);
   uv_timer_start(&l->shutdown_timer, on_shutdown_timer,
                  (uint64_t)l->cfg->shutdown_timeout_s * 1000, 0);
@@ -146,6 +147,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   if (gethostname(l->hostname, sizeof l->hostname - 1) != 0)
     strcpy(l->hostname, "unknown");
   l->queue_running = pgr_calloc(cfg->nqueues, sizeof *l->queue_running);
+  l->cursors = pgr_calloc(cfg->nqueues, sizeof *l->cursors);
 
   if (pgr_handlers_create(cfg, &handlers, err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
@@ -173,12 +175,15 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   l->pg.on_up = pgr_listener_on_up;
   l->pg.on_down = pgr_listener_on_down;
   l->pg.on_notify = pgr_listener_on_notify;
+  if (pgr_janitor_init(l, err, sizeof err) != 0) {
+    fprintf(stderr, "pgrunner: %s\n", err);
+    rc = 2;
+    goto out;
+  }
 
   uv_async_init(&l->loop, &l->done_async, pgr_dispatch_on_done);
   uv_timer_init(&l->loop, &l->wake_timer);
   uv_timer_init(&l->loop, &l->poll_timer);
-  uv_timer_init(&l->loop, &l->heartbeat_timer);
-  uv_timer_init(&l->loop, &l->prune_timer);
   uv_timer_init(&l->loop, &l->watchdog_timer);
   uv_timer_init(&l->loop, &l->shutdown_timer);
   uv_signal_init(&l->loop, &l->sigterm);
@@ -199,6 +204,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   pgr_mark_loop_thread();
   pgr_pgconn_start(&l->pg);
   pgr_listener_start_timers(l);
+  pgr_janitor_start(l);
   uv_run(&l->loop, UV_RUN_DEFAULT);
   pgr_unmark_loop_thread();
 
@@ -217,6 +223,7 @@ out:
   pgr_metrics_stop();
   pgr_handlers_destroy(handlers);
   free(l->queue_running);
+  free(l->cursors);
   free(l);
   return rc;
 }

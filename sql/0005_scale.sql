@@ -1,0 +1,263 @@
+-- 0005_scale: every statement a worker runs again and again costs the same
+-- whatever the table holds (a backlog, a week of retained tasks, a bulk
+-- insert not yet analyzed, dead rows behind a long transaction).
+--
+-- The rule used throughout: a statement finds the rows it changes by
+-- primary key (id = ANY of an array it collected first, under a LIMIT),
+-- never by a join, which a generic plan or stale statistics may turn into a
+-- scan of the whole table. tests/integration/test_plans.py checks the plan
+-- of every such statement in each of those conditions.
+--
+-- pgrunner migrate runs this inside one transaction, under an advisory lock,
+-- and records it in pgrunner.migrations.
+
+-- Vacuum the task table by rows changed, not by a fraction of its size: a
+-- queue rewrites a few rows many times, and with the default scale factor
+-- (20 %) a table holding a week of history would wait for millions of dead
+-- rows before a vacuum. No cost delay: the claim index must stay short.
+ALTER TABLE pgrunner.tasks SET (
+  autovacuum_vacuum_scale_factor = 0,
+  autovacuum_vacuum_threshold = 5000,
+  autovacuum_vacuum_insert_scale_factor = 0,
+  autovacuum_vacuum_insert_threshold = 50000,
+  autovacuum_analyze_scale_factor = 0,
+  autovacuum_analyze_threshold = 50000,
+  autovacuum_vacuum_cost_delay = 0
+);
+
+-- `pgrunner status` lists the most recent failures and counts finished
+-- tasks from the newest back: failed and cancelled tasks are kept until
+-- someone deletes them, so they need an index of their own.
+CREATE INDEX tasks_ended_idx ON pgrunner.tasks (finished_at)
+  WHERE state IN ('failed', 'cancelled');
+
+-- recover (0001): the same rules, with the rows found by primary key.
+CREATE OR REPLACE FUNCTION pgrunner.recover() RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  ids bigint[];
+  n int;
+  woken text[];
+BEGIN
+  PERFORM pg_terminate_backend(a.pid)
+     FROM pg_stat_activity a
+     JOIN pgrunner.workers w ON a.application_name = w.name
+    WHERE w.heartbeat_at < now() - interval '30 seconds'
+      AND a.pid <> pg_backend_pid();
+
+  DELETE FROM pgrunner.workers w
+   WHERE w.heartbeat_at < now() - interval '30 seconds'
+      OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                      WHERE a.application_name = w.name);
+
+  -- Running tasks are few (at most every live worker's concurrency), and
+  -- tasks_running_idx holds only them.
+  ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                WHERE t.state = 'running'
+                  AND NOT EXISTS (SELECT 1 FROM pgrunner.workers w
+                                   WHERE w.id = t.worker_id)
+                  FOR UPDATE SKIP LOCKED);
+  IF cardinality(ids) = 0 THEN
+    RETURN 0;
+  END IF;
+  WITH fixed AS (
+    UPDATE pgrunner.tasks t
+       SET state = CASE
+                     WHEN EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
+                                   WHERE c.task_id = t.id) THEN 'cancelled'
+                     WHEN t.attempts >= t.max_attempts THEN 'failed'
+                     ELSE 'queued' END,
+           last_error = 'worker died during attempt ' || t.attempts,
+           run_at = now(),
+           worker_id = NULL,
+           finished_at = CASE
+                           WHEN t.attempts >= t.max_attempts
+                             OR EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
+                                         WHERE c.task_id = t.id) THEN now()
+                         END
+     WHERE t.id = ANY (ids)
+    RETURNING t.queue, t.state
+  )
+  SELECT count(*), array_agg(DISTINCT f.queue) FILTER (WHERE f.state = 'queued')
+    INTO n, woken FROM fixed f;
+  PERFORM pgrunner.wake(woken);
+  RETURN n;
+END
+$$;
+
+-- release_unknown (0001): the same, with the rows found by primary key.
+CREATE OR REPLACE FUNCTION pgrunner.release_unknown(worker bigint,
+                                                    known bigint[])
+RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  ids bigint[];
+  n int;
+  woken text[];
+BEGIN
+  ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                WHERE t.worker_id = worker AND t.state = 'running'
+                  AND t.id <> ALL (coalesce(known, '{}'))
+                  FOR UPDATE SKIP LOCKED);
+  IF cardinality(ids) = 0 THEN
+    RETURN 0;
+  END IF;
+  WITH back AS (
+    UPDATE pgrunner.tasks t
+       SET state = 'queued', attempts = greatest(t.attempts - 1, 0),
+           worker_id = NULL, run_at = now(), started_at = NULL
+     WHERE t.id = ANY (ids)
+    RETURNING t.queue
+  )
+  SELECT count(*), array_agg(DISTINCT b.queue) INTO n, woken FROM back b;
+  PERFORM pgrunner.wake(woken);
+  RETURN n;
+END
+$$;
+
+-- prune (0001): a batch of the oldest succeeded tasks past the retention,
+-- found in tasks_succeeded_idx and deleted by primary key. The worker calls
+-- it again at once while batches come back full, so retention keeps up
+-- with any rate the workers reach.
+CREATE OR REPLACE FUNCTION pgrunner.prune(retention interval,
+                                          batch int DEFAULT 10000)
+RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  ids bigint[];
+  n int;
+BEGIN
+  ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                WHERE t.state = 'succeeded'
+                  AND t.finished_at < now() - retention
+                ORDER BY t.finished_at
+                LIMIT batch
+                  FOR UPDATE SKIP LOCKED);
+  n := coalesce(cardinality(ids), 0);
+  IF n > 0 THEN
+    DELETE FROM pgrunner.tasks t WHERE t.id = ANY (ids);
+  END IF;
+  -- Requests for tasks no longer running; the table holds a handful.
+  DELETE FROM pgrunner.cancel_requests c
+   WHERE NOT EXISTS (SELECT 1 FROM pgrunner.tasks t
+                      WHERE t.id = c.task_id AND t.state = 'running');
+  RETURN n;
+END
+$$;
+
+-- cancel_task and retry_task (0001) find the task by primary key alone and
+-- look at its state afterwards. With the state in the WHERE clause the
+-- planner may prefer a partial index of that state (tasks_claim_idx for
+-- queued tasks) when the table looks small, and keep that plan in the
+-- session: a scan of every queued task to find one.
+CREATE OR REPLACE FUNCTION pgrunner.cancel_task(task_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+  st text;
+BEGIN
+  FOR i IN 1..200 LOOP
+    SELECT t.state INTO st FROM pgrunner.tasks t WHERE t.id = task_id;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION 'pgrunner: no task with id %', task_id
+        USING ERRCODE = 'no_data_found';
+    END IF;
+    IF st = 'running' THEN
+      INSERT INTO pgrunner.cancel_requests (task_id) VALUES (task_id)
+        ON CONFLICT DO NOTHING;
+      PERFORM pg_notify('pgrunner_cancel', task_id::text);
+      RETURN true;
+    ELSIF st <> 'queued' THEN
+      RETURN false;
+    END IF;
+    -- A queued row is locked only for the instant a worker claims it; do
+    -- not queue behind that lock, look again. Locked, the row is read as
+    -- it is now.
+    SELECT t.state INTO st FROM pgrunner.tasks t WHERE t.id = task_id
+       FOR UPDATE SKIP LOCKED;
+    IF FOUND AND st = 'queued' THEN
+      UPDATE pgrunner.tasks t
+         SET state = 'cancelled', finished_at = now(), worker_id = NULL
+       WHERE t.id = task_id;
+      RETURN true;
+    ELSIF NOT FOUND THEN
+      PERFORM pg_sleep(0.005);
+    END IF;
+  END LOOP;
+  RAISE EXCEPTION 'pgrunner: task % stayed locked; try again', task_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgrunner.retry_task(task_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+  st text;
+  q text;
+BEGIN
+  -- Waits for an attempt in progress (it holds the row), as before.
+  SELECT t.state, t.queue INTO st, q FROM pgrunner.tasks t
+   WHERE t.id = task_id FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgrunner: no task with id %', task_id
+      USING ERRCODE = 'no_data_found';
+  END IF;
+  IF st NOT IN ('failed', 'cancelled') THEN
+    RETURN false;
+  END IF;
+  BEGIN
+    UPDATE pgrunner.tasks t
+       SET state = 'queued', attempts = 0, run_at = now(), worker_id = NULL,
+           started_at = NULL, finished_at = NULL
+     WHERE t.id = task_id;
+  EXCEPTION WHEN unique_violation THEN
+    RAISE EXCEPTION 'pgrunner: task % has a key that another queued or running task holds', task_id
+      USING ERRCODE = 'unique_violation';
+  END;
+  DELETE FROM pgrunner.cancel_requests c WHERE c.task_id = retry_task.task_id;
+  PERFORM pg_notify('pgrunner', q);
+  RETURN true;
+END
+$$;
+
+-- A no-op task's whole attempt: one statement, as before (0001's worker
+-- sent this UPDATE itself), now in a function so that its plan is made
+-- under the settings below.
+CREATE FUNCTION pgrunner.complete_noop(task bigint, attempt int, worker bigint)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE pgrunner.tasks t
+     SET state = 'succeeded', finished_at = clock_timestamp(), last_error = NULL
+   WHERE t.id = task AND t.state = 'running' AND t.attempts = attempt
+     AND t.worker_id = worker
+     AND NOT EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
+                      WHERE c.task_id = task);
+  RETURN FOUND;
+END
+$$;
+
+-- A function's plans are made once per session and kept. One made while
+-- the table was nearly empty reads it sequentially, and keeps doing so
+-- after a bulk insert has made it large, until an ANALYZE happens to
+-- invalidate it. Every function that touches the tasks is planned with
+-- whole-table reads priced out, so the only plans it can keep are the
+-- index lookups it was written for; this applies inside these functions
+-- only, never to the SQL of a user's job.
+DO $$
+DECLARE
+  f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+            WHERE p.pronamespace = 'pgrunner'::regnamespace
+              AND p.proname IN ('add_task', 'cancel_task', 'retry_task',
+                                'recover', 'heartbeat', 'release_unknown',
+                                'prune', 'mark_succeeded', 'finish_attempt',
+                                'lock_attempt', 'complete_attempt',
+                                'complete_noop', 'tasks_dedup',
+                                'run_schedules')
+  LOOP
+    EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off', f);
+    EXECUTE format('ALTER FUNCTION %s SET enable_bitmapscan = off', f);
+  END LOOP;
+END
+$$;

@@ -1,0 +1,187 @@
+/*
+ * janitor.c - periodic maintenance on a connection of its own: the
+ * heartbeat (which also runs recovery and the schedules, one worker at a
+ * time) and retention.
+ *
+ * Thread: LOOP THREAD ONLY. Every query goes through pgconn.c's
+ * nonblocking queue.
+ *
+ * Why a second connection: a connection runs one statement at a time, and
+ * a claim queued behind a heartbeat's recovery or a retention batch would
+ * leave worker threads idle while tasks wait. The claim connection
+ * (listener.c) carries only LISTEN, the claims and what must be ordered with
+ * them: the registration and giving back tasks a lost claim left running.
+ * A worker therefore holds --concurrency + 2 connections. Both loop-side
+ * connections carry the worker's application_name, which is how recovery
+ * tells the worker is alive.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "loop/internal.h"
+
+#define RELEASE_EVERY_TICKS 5
+/* Retention deletes in batches this size, one after another while a batch
+   comes back full, so it keeps up with any rate the worker reaches. */
+#define PRUNE_BATCH 5000
+#define PRUNE_EVERY_MS 5000
+
+static struct pgr_loop *loop_of(struct pgr_pgconn *c) {
+  return c->data;
+}
+
+static void queues_literal(const struct pgr_config *cfg, struct pgr_buf *b) {
+  pgr_buf_addc(b, '{');
+  for (size_t i = 0; i < cfg->nqueues; i++) {
+    if (i)
+      pgr_buf_addc(b, ',');
+    pgr_buf_add_array_elem(b, cfg->queues[i].name);
+  }
+  pgr_buf_addc(b, '}');
+}
+
+static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  l->heartbeat_busy = 0;
+  if (res == NULL)
+    return;
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("heartbeat failed", PGR_LS("error", m ? m : "unknown error"));
+    return;
+  }
+  int recovered = atoi(PQgetvalue(res, 0, 0));
+  if (recovered > 0)
+    pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", recovered));
+  pgr_listener_on_heartbeat(l);
+}
+
+void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
+  struct pgr_buf qs;
+  char wid[32], pid[16], conc[16];
+
+  if (l->heartbeat_busy || l->closing || !pgr_pgconn_ready(c))
+    return;
+  pgr_buf_init(&qs);
+  queues_literal(l->cfg, &qs);
+  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
+  snprintf(pid, sizeof pid, "%d", (int)getpid());
+  snprintf(conc, sizeof conc, "%d", l->cfg->concurrency);
+  const char *params[6] = {wid, l->appname, l->hostname, pid, qs.data, conc};
+  if (pgr_pgconn_query(c,
+                       "SELECT pgrunner.heartbeat($1::bigint, $2, $3, $4::int,"
+                       " $5::text[], $6::int)",
+                       6, params, on_heartbeat, l) == 0)
+    l->heartbeat_busy = 1;
+  pgr_buf_free(&qs);
+}
+
+static void on_heartbeat_timer(uv_timer_t *t) {
+  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
+  /* Until the claim connection has registered, the heartbeat goes there:
+     that is the registration. After that it stays off the claims' way. */
+  struct pgr_pgconn *c =
+      l->registered && pgr_pgconn_ready(&l->maint) ? &l->maint : &l->pg;
+  pgr_janitor_heartbeat(l, c);
+  if (++l->ticks % RELEASE_EVERY_TICKS == 0)
+    pgr_listener_release_unknown(l);
+}
+
+static void prune(struct pgr_loop *l);
+
+static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  l->prune_busy = 0;
+  if (res == NULL)
+    return;
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("retention pruning failed", PGR_LS("error", m ? m : "?"));
+    return;
+  }
+  int n = atoi(PQgetvalue(res, 0, 0));
+  if (n > 0)
+    pgr_debug("pruned succeeded tasks", PGR_LI("tasks", n));
+  l->pruned += n;
+  if (n >= PRUNE_BATCH) {
+    prune(l); /* a full batch: more to go, now */
+    return;
+  }
+  if (l->pruned > 0)
+    pgr_info("pruned succeeded tasks", PGR_LI("tasks", l->pruned));
+  l->pruned = 0;
+}
+
+static void prune(struct pgr_loop *l) {
+  char secs[32], batch[16];
+  const char *params[2] = {secs, batch};
+  if (l->prune_busy || l->shutting_down || !pgr_pgconn_ready(&l->maint))
+    return;
+  snprintf(secs, sizeof secs, "%lld", (long long)l->cfg->retention_s);
+  snprintf(batch, sizeof batch, "%d", PRUNE_BATCH);
+  if (pgr_pgconn_query(&l->maint,
+                       "SELECT pgrunner.prune(make_interval(secs => $1),"
+                       " $2::int)",
+                       2, params, on_pruned, l) == 0)
+    l->prune_busy = 1;
+}
+
+static void on_prune_timer(uv_timer_t *t) {
+  prune(pgr_container_of(t, struct pgr_loop, prune_timer));
+}
+
+static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  (void)pc;
+  (void)arg;
+  if (res && PQresultStatus(res) != PGRES_COMMAND_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_debug("maintenance connection setting refused",
+              PGR_LS("error", m ? m : "unknown error"));
+  }
+}
+
+static void on_up(struct pgr_pgconn *c) {
+  struct pgr_loop *l = loop_of(c);
+  pgr_debug("maintenance connection up", PGR_LS("worker", l->appname));
+  /* Nothing here is a promise to a user: a lost heartbeat or recovery is
+     redone a second later, a lost retention batch five seconds later. */
+  if (pgr_pgconn_query(c, "SET synchronous_commit = off", 0, NULL, on_setup,
+                       l) != 0 ||
+      pgr_pgconn_query(c, PGR_PLANNER_SETTINGS, 0, NULL, on_setup, l) != 0 ||
+      pgr_pgconn_query(c, "SET plan_cache_mode = force_generic_plan", 0, NULL,
+                       on_setup, l) != 0)
+    return;
+}
+
+static void on_down(struct pgr_pgconn *c, const char *why) {
+  struct pgr_loop *l = loop_of(c);
+  l->heartbeat_busy = 0;
+  l->prune_busy = 0;
+  pgr_debug("maintenance connection lost; reconnecting", PGR_LS("error", why));
+}
+
+int pgr_janitor_init(struct pgr_loop *l, char *err, size_t errlen) {
+  if (pgr_pgconn_init(&l->loop, &l->maint, l->cfg->db, l->appname, err,
+                      errlen) != 0)
+    return PGR_EINVAL;
+  l->maint.data = l;
+  l->maint.on_up = on_up;
+  l->maint.on_down = on_down;
+  uv_timer_init(&l->loop, &l->heartbeat_timer);
+  uv_timer_init(&l->loop, &l->prune_timer);
+  return 0;
+}
+
+void pgr_janitor_start(struct pgr_loop *l) {
+  pgr_pgconn_start(&l->maint);
+  uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000, 1000);
+  uv_timer_start(&l->prune_timer, on_prune_timer, 5000, PRUNE_EVERY_MS);
+}
+
+void pgr_janitor_stop(struct pgr_loop *l) {
+  uv_timer_stop(&l->prune_timer);
+}
