@@ -125,6 +125,7 @@ RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
   ids bigint[];
+  keys text[];
   n int;
 BEGIN
   ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
@@ -135,7 +136,18 @@ BEGIN
                   FOR UPDATE SKIP LOCKED);
   n := coalesce(cardinality(ids), 0);
   IF n > 0 THEN
-    DELETE FROM pgrunner.tasks t WHERE t.id = ANY (ids);
+    WITH gone AS (
+      DELETE FROM pgrunner.tasks t WHERE t.id = ANY (ids) RETURNING t.key
+    )
+    SELECT array_agg(g.key) INTO keys FROM gone g WHERE g.key IS NOT NULL;
+    -- The lock rows of those keys (0004). Any may go: the next inserter of
+    -- a key puts its row back. Rows an inserter holds are left for later.
+    IF keys IS NOT NULL THEN
+      DELETE FROM pgrunner.task_keys k
+       WHERE k.key = ANY (ARRAY(SELECT x.key FROM pgrunner.task_keys x
+                                 WHERE x.key = ANY (keys)
+                                   FOR UPDATE SKIP LOCKED));
+    END IF;
   END IF;
   -- Requests for tasks no longer running; the table holds a handful.
   DELETE FROM pgrunner.cancel_requests c

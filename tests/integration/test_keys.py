@@ -441,3 +441,23 @@ def test_repeatable_read_inserter_errs_rather_than_duplicates(mdb):
                               " key = %s AND state = 'queued'", (key,)) == 1
     finally:
         rr.close()
+
+
+def test_retention_deletes_the_key_rows_of_pruned_tasks(mdb):
+    """pgrunner.prune (run by every worker) deletes a pruned task's key row
+    with it, so task_keys does not grow with every key ever used; a key
+    still held by a queued task keeps working."""
+    mdb.query("INSERT INTO pgrunner.tasks (kind, key) "
+              "SELECT 'noop', 'old' || g FROM generate_series(1, 50) g")
+    mdb.query("INSERT INTO pgrunner.tasks (kind, key) VALUES ('noop', 'live')")
+    mdb.query("UPDATE pgrunner.tasks SET state = 'succeeded', "
+              "finished_at = now() - interval '2 days' WHERE key LIKE 'old%%'")
+    assert mdb.scalar("SELECT count(*) FROM pgrunner.task_keys") == 51
+    assert mdb.scalar("SELECT pgrunner.prune(interval '1 day', 20)") == 20
+    assert mdb.scalar("SELECT pgrunner.prune(interval '1 day')") == 30
+    assert mdb.scalar("SELECT array_agg(key) FROM pgrunner.task_keys") \
+        == ["live"]
+    # The freed keys can be used again, the held one still cannot.
+    mdb.query("INSERT INTO pgrunner.tasks (kind, key) "
+              "VALUES ('noop', 'old1'), ('noop', 'live')")
+    assert _queued_per_key(mdb, "%") == {"old1": 1, "live": 1}
