@@ -36,8 +36,8 @@
  *     removable, and a scan from the front would visit each of them;
  *   - the UPDATE finds its rows by primary key (= ANY of an array), never
  *     by a join that the planner may turn into a scan of the whole table;
- *   - the wake-up time is, per queue, the first entry of tasks_run_at_idx
- *     after now().
+ *   - the wake-up time is, per queue, the first entry of tasks_delayed_idx
+ *     after now() (a task due later than its insertion has one; see 0005).
  * UPDATE ... RETURNING has no order of its own, so the rows are sorted by
  * priority, run_at and id before they are handed out. Column 10 says which
  * scan found the row (2: after the cursor). The last row (id NULL) carries
@@ -88,7 +88,7 @@ static const char claim_sql[] =
     "                                 CROSS JOIN LATERAL ("
     "                                  SELECT t.run_at FROM pgrunner.tasks t"
     "                                   WHERE t.state = 'queued'"
-    "                                     AND t.attempts >= 0"
+    "                                     AND t.run_at > t.created_at"
     "                                     AND t.queue = q.name"
     "                                     AND t.run_at > now()"
     "                                   ORDER BY t.run_at LIMIT 1) n)"
