@@ -158,10 +158,12 @@ BEGIN
                                    FOR UPDATE SKIP LOCKED));
     END IF;
   END IF;
-  -- Requests for tasks no longer running; the table holds a handful.
+  -- Requests for tasks no longer running; the table holds a handful. A
+  -- scalar subquery, so each is one primary-key look-up (an anti-join may
+  -- be planned as a walk over a whole index).
   DELETE FROM pgrunner.cancel_requests c
-   WHERE NOT EXISTS (SELECT 1 FROM pgrunner.tasks t
-                      WHERE t.id = c.task_id AND t.state = 'running');
+   WHERE (SELECT t.state FROM pgrunner.tasks t WHERE t.id = c.task_id)
+         IS DISTINCT FROM 'running';
   RETURN n;
 END
 $$;
@@ -240,20 +242,118 @@ BEGIN
 END
 $$;
 
+-- The attempt's own statements find the task by primary key and nothing
+-- else. Written as "state = 'running' AND worker_id = worker", the check
+-- also matches tasks_running_idx (worker_id) WHERE state = 'running', which
+-- the planner may prefer; while a long transaction elsewhere holds back
+-- vacuum that index keeps an entry for every task this worker ever
+-- claimed, and each attempt would walk them all. The same check as a row
+-- IS NOT DISTINCT FROM matches no index, so only the primary key serves.
+CREATE OR REPLACE FUNCTION pgrunner.lock_attempt(task bigint, attempt int,
+                                                 worker bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM 1 FROM pgrunner.tasks t
+   WHERE t.id = task
+     AND (t.state, t.attempts, t.worker_id)
+         IS NOT DISTINCT FROM ('running'::text, attempt, worker)
+     FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgrunner: attempt % of task % is no longer this worker''s',
+      attempt, task USING ERRCODE = 'PR001';
+  END IF;
+  -- A cancel that arrived while the task waited for a thread (or before the
+  -- worker knew it had the task) is honoured here, before the handler runs.
+  IF EXISTS (SELECT 1 FROM pgrunner.cancel_requests c WHERE c.task_id = task)
+  THEN
+    RAISE EXCEPTION 'pgrunner: task % was cancelled', task
+      USING ERRCODE = 'PR003';
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgrunner.complete_attempt(task bigint, attempt int,
+                                                     worker bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE pgrunner.tasks t
+     SET state = 'succeeded', finished_at = clock_timestamp(),
+         last_error = NULL
+   WHERE t.id = task
+     AND (t.state, t.attempts, t.worker_id)
+         IS NOT DISTINCT FROM ('running'::text, attempt, worker);
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'pgrunner: attempt % of task % is no longer this worker''s',
+      attempt, task USING ERRCODE = 'PR001';
+  END IF;
+END
+$$;
+
 -- A no-op task's whole attempt: one statement, as before (0001's worker
--- sent this UPDATE itself), now in a function so that its plan is made
--- under the settings below.
+-- sent the UPDATE itself), now in a function so that its plan is made
+-- under the settings below. False: not this worker's attempt, or
+-- cancelled.
 CREATE FUNCTION pgrunner.complete_noop(task bigint, attempt int, worker bigint)
 RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
   UPDATE pgrunner.tasks t
      SET state = 'succeeded', finished_at = clock_timestamp(), last_error = NULL
-   WHERE t.id = task AND t.state = 'running' AND t.attempts = attempt
-     AND t.worker_id = worker
+   WHERE t.id = task
+     AND (t.state, t.attempts, t.worker_id)
+         IS NOT DISTINCT FROM ('running'::text, attempt, worker)
      AND NOT EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
                       WHERE c.task_id = task);
   RETURN FOUND;
+END
+$$;
+
+-- finish_attempt (0001), with the same look-up.
+CREATE OR REPLACE FUNCTION pgrunner.finish_attempt(task bigint, attempt int,
+                                                   worker bigint, outcome text,
+                                                   error text)
+RETURNS TABLE (new_state text, run_at_ms bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+  t pgrunner.tasks;
+  st text;
+BEGIN
+  SELECT * INTO t FROM pgrunner.tasks x
+   WHERE x.id = task
+     AND (x.state, x.attempts, x.worker_id)
+         IS NOT DISTINCT FROM ('running'::text, attempt, worker)
+   FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN;
+  END IF;
+  st := CASE
+          WHEN outcome = 'cancel' THEN 'cancelled'
+          WHEN outcome = 'requeue' THEN 'queued'
+          WHEN outcome = 'permanent' OR t.attempts >= t.max_attempts THEN 'failed'
+          ELSE 'queued' END;
+  IF outcome = 'cancel' THEN
+    DELETE FROM pgrunner.cancel_requests c WHERE c.task_id = task;
+  END IF;
+  UPDATE pgrunner.tasks x
+     SET state = st,
+         attempts = CASE WHEN outcome = 'requeue' THEN greatest(x.attempts - 1, 0)
+                         ELSE x.attempts END,
+         last_error = CASE WHEN outcome = 'requeue' THEN x.last_error
+                           ELSE error END,
+         run_at = CASE
+                    WHEN outcome = 'requeue' THEN now()
+                    WHEN st = 'queued' THEN
+                      now() + least(power(2, x.attempts - 1), 3600)
+                              * (0.5 + random()) * interval '1 second'
+                    ELSE x.run_at END,
+         finished_at = CASE WHEN st = 'queued' THEN NULL ELSE now() END,
+         worker_id = CASE WHEN st = 'queued' THEN NULL ELSE x.worker_id END
+   WHERE x.id = task
+  RETURNING x.state, (extract(epoch FROM x.run_at) * 1000)::bigint
+    INTO new_state, run_at_ms;
+  RETURN NEXT;
 END
 $$;
 
