@@ -738,6 +738,46 @@ def test_status_counts_workers_and_failures(mdb, workers):
     assert json.loads(r.stdout)["live_workers"] == 0
 
 
+def test_status_counts_are_bounded_and_say_so(mdb):
+    """status reads at most 10,000 tasks per queue and state: exact below
+    that, "10000+" (JSON: counts_exact false) above; running tasks are
+    always exact."""
+    mdb.query("INSERT INTO pgrunner.tasks (kind, queue) "
+              "SELECT 'noop', 'big' FROM generate_series(1, 10050)")
+    mdb.query("INSERT INTO pgrunner.tasks (kind, queue, state, attempts,"
+              " started_at, finished_at) "
+              "SELECT 'noop', q, 'succeeded', 1, now(), now() - g * interval"
+              " '1 ms' FROM generate_series(1, 10500) g,"
+              " unnest('{big,small}'::text[]) q")
+    mdb.query("INSERT INTO pgrunner.tasks (kind, queue) "
+              "SELECT 'noop', 'small' FROM generate_series(1, 7)")
+    r = run_pgrunner(["status", "--json", "--db", mdb.dsn])
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["counts_exact"] is False and st["count_limit"] == 10000
+    assert st["queues"]["big"]["queued"] == 10000
+    assert st["queues"]["small"]["queued"] == 7
+    # The 10,000 most recent succeeded tasks, across both queues.
+    assert st["queues"]["big"]["succeeded"] + \
+        st["queues"]["small"]["succeeded"] == 10000
+    r = run_pgrunner(["status", "--db", mdb.dsn])
+    assert r.returncode == 0, r.stderr
+    big = [ln.split() for ln in r.stdout.splitlines()
+           if ln.split()[:1] == ["big"]]
+    small = [ln.split() for ln in r.stdout.splitlines()
+             if ln.split()[:1] == ["small"]]
+    assert big and big[0][1] == "10000+", r.stdout
+    assert small and small[0][1] == "7", r.stdout
+    assert "at least N" in r.stdout
+
+    # Below the limit every count is exact and nothing says otherwise.
+    mdb.query("DELETE FROM pgrunner.tasks WHERE queue = 'big' "
+              "OR state = 'succeeded'")
+    r = run_pgrunner(["status", "--json", "--db", mdb.dsn])
+    st = json.loads(r.stdout)
+    assert st["counts_exact"] is True and st["queues"]["small"]["queued"] == 7
+
+
 def test_finished_at_is_when_the_handler_ended(mdb, workers):
     """finished_at is taken when the attempt ends, not when its transaction
     began: a handler that runs for a second shows a second between
