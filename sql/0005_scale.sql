@@ -40,10 +40,20 @@ CREATE INDEX tasks_delayed_idx ON pgrunner.tasks (queue, run_at)
 CREATE INDEX tasks_ended_idx ON pgrunner.tasks (finished_at)
   WHERE state IN ('failed', 'cancelled');
 
--- recover (0001): the same rules, with the rows found by primary key.
-CREATE OR REPLACE FUNCTION pgrunner.recover() RETURNS int
+-- recover (0001), in two costs. Every second (heartbeat): find the dead
+-- workers (the workers table and pg_stat_activity, both small) and give
+-- back the running tasks of those alone, through tasks_running_idx by
+-- worker_id; a dead worker's row goes only once none of its tasks is left
+-- running (one still locked is taken on a later call), so nothing is
+-- forgotten. With sweep, also every running task whose worker has no row
+-- at all (left by an older version, or a row deleted by hand): that reads
+-- every entry of tasks_running_idx, which behind a long transaction holds
+-- every task ever claimed, so workers do it once a minute, not at every
+-- heartbeat. recover() as 0001 defined it is recover(true).
+CREATE FUNCTION pgrunner.recover(sweep boolean) RETURNS int
 LANGUAGE plpgsql AS $$
 DECLARE
+  dead bigint[];
   ids bigint[];
   n int;
   woken text[];
@@ -54,43 +64,76 @@ BEGIN
     WHERE w.heartbeat_at < now() - interval '30 seconds'
       AND a.pid <> pg_backend_pid();
 
-  DELETE FROM pgrunner.workers w
-   WHERE w.heartbeat_at < now() - interval '30 seconds'
-      OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
-                      WHERE a.application_name = w.name);
-
-  -- Running tasks are few (at most every live worker's concurrency), and
-  -- tasks_running_idx holds only them.
-  ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
-                WHERE t.state = 'running'
-                  AND NOT EXISTS (SELECT 1 FROM pgrunner.workers w
-                                   WHERE w.id = t.worker_id)
-                  FOR UPDATE SKIP LOCKED);
-  IF cardinality(ids) = 0 THEN
-    RETURN 0;
+  dead := ARRAY(SELECT w.id FROM pgrunner.workers w
+                 WHERE w.heartbeat_at < now() - interval '30 seconds'
+                    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a
+                                    WHERE a.application_name = w.name));
+  IF sweep THEN
+    ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                  WHERE t.state = 'running'
+                    AND (t.worker_id = ANY (dead)
+                         OR NOT EXISTS (SELECT 1 FROM pgrunner.workers w
+                                         WHERE w.id = t.worker_id))
+                    FOR UPDATE SKIP LOCKED);
+  ELSIF cardinality(dead) > 0 THEN
+    ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                  WHERE t.worker_id = ANY (dead) AND t.state = 'running'
+                    FOR UPDATE SKIP LOCKED);
   END IF;
-  WITH fixed AS (
-    UPDATE pgrunner.tasks t
-       SET state = CASE
-                     WHEN EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
-                                   WHERE c.task_id = t.id) THEN 'cancelled'
-                     WHEN t.attempts >= t.max_attempts THEN 'failed'
-                     ELSE 'queued' END,
-           last_error = 'worker died during attempt ' || t.attempts,
-           run_at = now(),
-           worker_id = NULL,
-           finished_at = CASE
-                           WHEN t.attempts >= t.max_attempts
-                             OR EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
-                                         WHERE c.task_id = t.id) THEN now()
-                         END
-     WHERE t.id = ANY (ids)
-    RETURNING t.queue, t.state
-  )
-  SELECT count(*), array_agg(DISTINCT f.queue) FILTER (WHERE f.state = 'queued')
-    INTO n, woken FROM fixed f;
-  PERFORM pgrunner.wake(woken);
+  n := 0;
+  IF cardinality(ids) > 0 THEN
+    WITH fixed AS (
+      UPDATE pgrunner.tasks t
+         SET state = CASE
+                       WHEN EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
+                                     WHERE c.task_id = t.id) THEN 'cancelled'
+                       WHEN t.attempts >= t.max_attempts THEN 'failed'
+                       ELSE 'queued' END,
+             last_error = 'worker died during attempt ' || t.attempts,
+             run_at = now(),
+             worker_id = NULL,
+             finished_at = CASE
+                             WHEN t.attempts >= t.max_attempts
+                               OR EXISTS (SELECT 1 FROM pgrunner.cancel_requests c
+                                           WHERE c.task_id = t.id) THEN now()
+                           END
+       WHERE t.id = ANY (ids)
+      RETURNING t.queue, t.state
+    )
+    SELECT count(*), array_agg(DISTINCT f.queue) FILTER (WHERE f.state = 'queued')
+      INTO n, woken FROM fixed f;
+    PERFORM pgrunner.wake(woken);
+  END IF;
+  IF cardinality(dead) > 0 THEN
+    DELETE FROM pgrunner.workers w
+     WHERE w.id = ANY (dead)
+       AND NOT EXISTS (SELECT 1 FROM pgrunner.tasks t
+                        WHERE t.worker_id = w.id AND t.state = 'running');
+  END IF;
   RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgrunner.recover() RETURNS int
+LANGUAGE sql AS $$ SELECT pgrunner.recover(true) $$;
+
+-- heartbeat (0002): the every-second recovery.
+CREATE OR REPLACE FUNCTION pgrunner.heartbeat(worker bigint, worker_name text,
+                                              worker_host text, worker_pid int,
+                                              worker_queues text[],
+                                              worker_concurrency int)
+RETURNS int
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO pgrunner.workers AS w (id, name, host, pid, queues, concurrency)
+  VALUES (worker, worker_name, worker_host, worker_pid, worker_queues,
+          worker_concurrency)
+  ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+  IF pg_try_advisory_xact_lock(1885827685, 1) THEN
+    PERFORM pgrunner.run_schedules();
+    RETURN pgrunner.recover(false);
+  END IF;
+  RETURN 0;
 END
 $$;
 

@@ -41,6 +41,8 @@ BLOCKING = {"Sort", "Incremental Sort", "Hash", "Aggregate", "Materialize",
 # the periodic statements that look at all running tasks may scan it
 # (recovery, give-back, status); a task's own statements use the key.
 RUNNING_SCANNERS = ("NOT EXISTS (SELECT 1 FROM pgrunner.workers",
+                    "t.worker_id = ANY (dead) AND t.state = 'running'",
+                    "WHERE t.worker_id = w.id AND t.state = 'running'",
                     "t.worker_id = worker AND t.state = 'running'",
                     "WHERE t.state = 'running' GROUP BY")
 LOOKUP_INDEXES = {"tasks_pkey", "tasks_key_idx"}
@@ -208,9 +210,15 @@ def exercise(server, db, bulk_sql=None):
                      ["cancel", str(ids[0])]):
             r = run_pgrunner(args + ["--db", db.dsn])
             assert r.returncode == 0, (args, r.stderr)
-        db.query("SELECT pgrunner.retry_task(%s)", (ids[1],))
-        db.query("SELECT pgrunner.release_unknown(42, '{}')")
-        db.query("SELECT pgrunner.recover()")
+        # A session opened now, so that its plans are logged too.
+        api = db.connect()
+        try:
+            cur = api.cursor()
+            cur.execute("SELECT pgrunner.retry_task(%s)", (ids[1],))
+            cur.execute("SELECT pgrunner.release_unknown(42, '{}')")
+            cur.execute("SELECT pgrunner.recover()")
+        finally:
+            api.close()
         time.sleep(1.5)
     finally:
         assert w.stop() == 0, w.output()

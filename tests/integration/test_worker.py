@@ -791,3 +791,41 @@ def test_finished_at_is_when_the_handler_ended(mdb, workers):
                       "FROM pgrunner.tasks WHERE id = %s", (tid,))
     assert took >= 1.0, took
     assert w.stop() == 0
+
+
+def test_a_running_task_whose_worker_has_no_row_is_recovered(mdb, workers):
+    """Recovery at every heartbeat looks only at dead workers' tasks; a
+    running task whose worker has no row at all (an older version, a row
+    deleted by hand) is found by the once-a-minute sweep, the first a few
+    seconds after a worker starts."""
+    mdb.query("INSERT INTO pgrunner.tasks (kind, state, attempts, worker_id,"
+              " started_at) VALUES ('noop', 'running', 1, 42, now())")
+    tid = mdb.scalar("SELECT max(id) FROM pgrunner.tasks")
+    w = workers(mdb)
+    wait_state(mdb, tid, "succeeded", timeout=30)
+    t = row(mdb, tid)
+    assert t["attempts"] == 2, t
+    assert w.stop() == 0
+
+
+def test_a_dead_workers_row_goes_with_its_last_running_task(mdb, workers):
+    """A dead worker's row stays until every one of its running tasks was
+    given back, so a task still locked when recovery first looked is not
+    forgotten."""
+    mdb.query("INSERT INTO pgrunner.workers (id, name) VALUES (7, 'pgrunner/gone')")
+    mdb.query("INSERT INTO pgrunner.tasks (kind, state, attempts, worker_id,"
+              " started_at) VALUES ('noop', 'running', 1, 7, now())")
+    tid = mdb.scalar("SELECT max(id) FROM pgrunner.tasks")
+    holder = mdb.connect(autocommit=False)
+    try:
+        holder.cursor().execute("SELECT 1 FROM pgrunner.tasks WHERE id = %s "
+                                "FOR UPDATE", (tid,))
+        assert mdb.scalar("SELECT pgrunner.recover(false)") == 0
+        assert mdb.scalar("SELECT count(*) FROM pgrunner.workers "
+                          "WHERE id = 7") == 1
+    finally:
+        holder.rollback()
+        holder.close()
+    assert mdb.scalar("SELECT pgrunner.recover(false)") == 1
+    assert mdb.scalar("SELECT count(*) FROM pgrunner.workers WHERE id = 7") == 0
+    assert row(mdb, tid)["state"] == "queued"

@@ -58,12 +58,14 @@ struct pgr_loop {
 
   int session_ready; /* LISTEN and the claim are set up on pg */
   int registered;  /* heartbeat succeeded on the current connection */
+  uint64_t registered_ms; /* uv_now() when it did */
   int releasing;   /* release_unknown in flight */
   unsigned ticks;  /* heartbeat timer ticks */
   int claiming;    /* a claim query is in flight */
   int claim_asked; /* how many it asked for */
   int more;        /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
+  int sweep_busy;
   int prune_busy;
   int64_t pruned; /* by the current run of full batches */
   int shutting_down;

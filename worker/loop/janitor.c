@@ -23,6 +23,10 @@
 #include "loop/internal.h"
 
 #define RELEASE_EVERY_TICKS 5
+/* Recovery of running tasks whose worker has no row at all (see
+   pgrunner.recover in 0005): once a minute, the first a few seconds in. */
+#define SWEEP_EVERY_TICKS 60
+#define SWEEP_AT_TICK 5
 /* Retention deletes in batches this size, one after another while a batch
    comes back full, so it keeps up with any rate the worker reaches. */
 #define PRUNE_BATCH 5000
@@ -79,6 +83,33 @@ void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
   pgr_buf_free(&qs);
 }
 
+static void on_swept(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  l->sweep_busy = 0;
+  if (res == NULL)
+    return;
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("recovery sweep failed", PGR_LS("error", m ? m : "?"));
+    return;
+  }
+  int n = atoi(PQgetvalue(res, 0, 0));
+  if (n > 0)
+    pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", n));
+}
+
+static void sweep(struct pgr_loop *l) {
+  if (l->sweep_busy || l->shutting_down || !pgr_pgconn_ready(&l->maint))
+    return;
+  /* One worker at a time, as the heartbeat's recovery. */
+  if (pgr_pgconn_query(&l->maint,
+                       "SELECT CASE WHEN pg_try_advisory_xact_lock(1885827685,"
+                       " 1) THEN pgrunner.recover(true) ELSE 0 END",
+                       0, NULL, on_swept, l) == 0)
+    l->sweep_busy = 1;
+}
+
 static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
   /* Until the claim connection has registered, the heartbeat goes there:
@@ -88,6 +119,8 @@ static void on_heartbeat_timer(uv_timer_t *t) {
   pgr_janitor_heartbeat(l, c);
   if (++l->ticks % RELEASE_EVERY_TICKS == 0)
     pgr_listener_release_unknown(l);
+  if (l->ticks % SWEEP_EVERY_TICKS == SWEEP_AT_TICK)
+    sweep(l);
 }
 
 static void prune(struct pgr_loop *l);
@@ -161,6 +194,7 @@ static void on_down(struct pgr_pgconn *c, const char *why) {
   struct pgr_loop *l = loop_of(c);
   l->heartbeat_busy = 0;
   l->prune_busy = 0;
+  l->sweep_busy = 0;
   pgr_debug("maintenance connection lost; reconnecting", PGR_LS("error", why));
 }
 

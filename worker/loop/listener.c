@@ -304,6 +304,7 @@ static void on_released(struct pgr_pgconn *pc, PGresult *res, void *arg) {
     return;
   }
   l->registered = 1;
+  l->registered_ms = uv_now(&l->loop);
   l->more = 1;
   pgr_info("worker registered", PGR_LS("worker", l->appname),
            PGR_LI("concurrency", l->cfg->concurrency));
@@ -465,9 +466,16 @@ static void on_poll_timer(uv_timer_t *t) {
   pgr_listener_claim(l);
 }
 
-/* Every few seconds, while no claim is in flight: see release_unknown. */
+/* Every few seconds, while no claim is in flight, for a minute after each
+   registration: see release_unknown. A claim orphaned by a lost connection
+   commits, if ever, soon after the connection went; later the look-up
+   would only cost time (behind a long transaction it walks an entry for
+   every task this worker claimed). */
+#define RELEASE_FOR_MS 60000
+
 void pgr_listener_release_unknown(struct pgr_loop *l) {
   if (l->registered && !l->claiming && !l->releasing && !l->shutting_down &&
+      uv_now(&l->loop) - l->registered_ms <= RELEASE_FOR_MS &&
       pgr_pgconn_ready(&l->pg))
     release_unknown(l);
 }
