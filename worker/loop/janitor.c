@@ -46,21 +46,28 @@ static void queues_literal(const struct pgr_config *cfg, struct pgr_buf *b) {
   pgr_buf_addc(b, '}');
 }
 
-static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
-  struct pgr_loop *l = arg;
-  (void)pc;
-  l->heartbeat_busy = 0;
+/* A heartbeat's or a sweep's answer: 0 and the tasks it recovered are
+   logged, or -1 (the failure logged, or the connection gone). */
+static int recovery_result(PGresult *res, const char *failed) {
   if (res == NULL)
-    return;
+    return -1;
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("heartbeat failed", PGR_LS("error", m ? m : "unknown error"));
-    return;
+    pgr_error(failed, PGR_LS("error", m ? m : "unknown error"));
+    return -1;
   }
   int recovered = atoi(PQgetvalue(res, 0, 0));
   if (recovered > 0)
     pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", recovered));
-  pgr_listener_on_heartbeat(l);
+  return 0;
+}
+
+static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  l->heartbeat_busy = 0;
+  if (recovery_result(res, "heartbeat failed") == 0)
+    pgr_listener_on_heartbeat(l);
 }
 
 void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
@@ -87,16 +94,7 @@ static void on_swept(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
   (void)pc;
   l->sweep_busy = 0;
-  if (res == NULL)
-    return;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("recovery sweep failed", PGR_LS("error", m ? m : "?"));
-    return;
-  }
-  int n = atoi(PQgetvalue(res, 0, 0));
-  if (n > 0)
-    pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", n));
+  (void)recovery_result(res, "recovery sweep failed");
 }
 
 static void sweep(struct pgr_loop *l) {
