@@ -1,6 +1,8 @@
 /*
- * listener.c - what the loop does with its database connection: LISTEN,
- * notifications, claiming tasks, wake-up timers, heartbeat and retention.
+ * listener.c - what the loop does with its claim connection: LISTEN,
+ * notifications, registration, claiming tasks, wake-up timers and giving
+ * back tasks a lost claim left running (heartbeat and retention run on the
+ * other connection: janitor.c).
  *
  * Thread: LOOP THREAD ONLY. Every query goes through pgconn.c's
  * nonblocking queue.
