@@ -94,10 +94,12 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
  * bounded index range, and this keeps stale statistics (a bulk insert
  * nobody analyzed) or a cached generic plan from swapping that for a read
  * of the whole table. tests/integration/test_plans.py checks the plans.
+ * No JIT: a read left with no index keeps the priced-out cost, which the
+ * server would otherwise pay an LLVM compilation for at every call.
  */
 #define PGR_PLANNER_SETTINGS                                                   \
   "SET enable_seqscan = off; SET enable_bitmapscan = off; "                    \
-  "SET enable_hashjoin = off; SET enable_mergejoin = off"
+  "SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off"
 
 /* One element of a PostgreSQL array literal: double-quoted, escaped. */
 void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);
