@@ -263,6 +263,13 @@ class Bench:
                    "AND query ILIKE '%%started_at%%'")[0]
         calls = int(r[0] or 0)
         mean = f"{r[1]:.2f}" if r[1] is not None else "-"
+        top = self.q("SELECT calls, total_exec_time, rows, "
+                     "left(regexp_replace(query, '\\s+', ' ', 'g'), 70) "
+                     "FROM pg_stat_statements "
+                     "ORDER BY total_exec_time DESC LIMIT 14")
+        for t in top:
+            print(f"#   calls={t[0]} total_ms={t[1]:.0f} rows={t[2]} "
+                  f"{t[3]}", flush=True)
         return f" claim_calls={calls} claim_mean_ms={mean}"
 
     # -- one measurement -------------------------------------------------
@@ -556,7 +563,7 @@ def main():
         pg.start()
         if a.statements:
             with open(os.path.join(pg.data, "postgresql.conf"), "a") as f:
-                f.write("shared_preload_libraries = 'pg_stat_statements'\n")
+                f.write("shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n")
             pg.pg_ctl("restart", "-w", "-t", "60")
         admin = pg.connect()
         admin.cursor().execute(f"CREATE DATABASE {DB}")
