@@ -86,6 +86,7 @@
 #define MAX_CLIENTS 128
 #define LISTEN_BACKLOG 128
 #define DROP_REPORT_MS 1000
+#define GATHER_MS 2
 #define CONN_TIMEOUT_S 5
 #define REC_INITIAL_BYTES 384
 #define POOL_MAX 4096
@@ -127,6 +128,7 @@ static size_t q_count, q_bytes;
 static int q_waiters;
 static int accepting; /* records go to the queue, else straight to stderr */
 static int stopping;
+static int gathering; /* the writer drains on its timer: nobody wakes it */
 static int running; /* from a successful start to the end of stop */
 
 /*
@@ -157,6 +159,7 @@ static struct {
   uv_loop_t loop;
   uv_async_t wake;
   uv_timer_t drop_timer;
+  uv_timer_t gather_timer;
   uv_pipe_t server;
   int serving; /* server is initialized */
   int bound;   /* we created sock_path and remove it at the end */
@@ -359,8 +362,10 @@ static int enqueue(struct rec *rec) {
   q_tail = &rec->next;
   q_count++;
   q_bytes += rec->size;
-  /* Under the lock: stop closes the handle only after it set !accepting. */
-  if (was_empty)
+  /* Under the lock: stop closes the handle only after it set !accepting.
+     While the writer gathers, its timer picks the record up unless the
+     queue has no room left for the next one. */
+  if ((was_empty && !gathering) || queue_full())
     PGR_ASSERT(uv_async_send(&W.wake) == 0);
   taken = 1;
 out:
@@ -698,8 +703,17 @@ static void writer_shutdown(void) {
   uv_walk(&W.loop, close_walk, NULL);
 }
 
-static void on_wake(uv_async_t *h) {
-  (void)h;
+/*
+ * Take the whole queue. On a busy worker a wake-up per record would cost a
+ * thread switch per line logged (two per task), so after writing a batch the
+ * writer gathers for GATHER_MS: producers stop waking it and the gather
+ * timer takes what arrived meanwhile. An empty gather ends the window, and
+ * the next record wakes the writer at once again. Stop and reopen always
+ * wake it.
+ */
+static void on_gather(uv_timer_t *t);
+
+static void drain(int from_timer) {
   uv_mutex_lock(&mu);
   struct rec *list = q_head;
   q_head = NULL;
@@ -708,7 +722,10 @@ static void on_wake(uv_async_t *h) {
   int stop = stopping;
   if (q_waiters > 0)
     uv_cond_broadcast(&room);
+  int gather = gathering = !stop && (list != NULL || !from_timer);
   uv_mutex_unlock(&mu);
+  if (gather)
+    PGR_ASSERT(uv_timer_start(&W.gather_timer, on_gather, GATHER_MS, 0) == 0);
 
   /* After the swap: a record logged after pgr_log_reopen() is in this list
    * only if the request is visible now, so it lands in the new file. */
@@ -722,6 +739,16 @@ static void on_wake(uv_async_t *h) {
     PGR_ASSERT(
         uv_timer_start(&W.drop_timer, on_drop_timer, DROP_REPORT_MS, 0) == 0);
   }
+}
+
+static void on_gather(uv_timer_t *t) {
+  (void)t;
+  drain(1);
+}
+
+static void on_wake(uv_async_t *h) {
+  (void)h;
+  drain(0);
 }
 
 /* release frees what start acquired; the loop is closed by then. */
@@ -925,6 +952,7 @@ int pgr_log_start(const struct pgr_log_options *opts) {
   PGR_ASSERT(uv_loop_init(&W.loop) == 0);
   PGR_ASSERT(uv_async_init(&W.loop, &W.wake, on_wake) == 0);
   PGR_ASSERT(uv_timer_init(&W.loop, &W.drop_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&W.loop, &W.gather_timer) == 0);
 
   if (opts->dir != NULL) {
     rc = open_dir(opts->dir);
@@ -951,7 +979,7 @@ int pgr_log_start(const struct pgr_log_options *opts) {
     atomic_store(&cur_mode, MODE_CLIENT);
   uv_mutex_lock(&mu);
   accepting = running = 1;
-  stopping = 0;
+  stopping = gathering = 0;
   uv_mutex_unlock(&mu);
 out:
   if (rc != 0) {
