@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
 
-PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev
+PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
   libjansson-dev libssl-dev libcriterion-dev postgresql-15
   postgresql-client-15"
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -14,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev
+PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
   python3-aiosmtpd openssl"

@@ -2,7 +2,7 @@
  * metrics.h - counters for /metrics and the state behind /healthz.
  *
  * Thread: the update functions are called on the loop thread and take a
- * mutex for a few instructions; the HTTP server (its own
+ * mutex for a few instructions; the HTTP server (http.c, its own
  * thread) reads under the same mutex. Nothing here does I/O on the caller.
  */
 #ifndef PGR_METRICS_H
@@ -13,10 +13,6 @@
 #include "common.h"
 #include "pool.h"
 
-PGR_MUSTCHECK int pgr_metrics_start(const char *host, int port, char *errbuf,
-                                    size_t errlen);
-void pgr_metrics_stop(void);
-
 void pgr_metrics_task_started(const char *queue, const char *kind);
 void pgr_metrics_task_done(const char *queue, const char *kind,
                            enum pgr_done done, double seconds);
@@ -24,5 +20,7 @@ void pgr_metrics_set_running(int n);
 void pgr_metrics_set_db_up(int up);
 /* The Prometheus text of the current counters (malloc'd); for tests too. */
 char *pgr_metrics_render(void);
+/* The /healthz answer: the HTTP status, and a one-line body (malloc'd). */
+int pgr_metrics_health(char **body);
 
 #endif /* PGR_METRICS_H */

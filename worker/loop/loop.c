@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "http.h"
 #include "log.h"
 #include "loop/internal.h"
 #include "metrics.h"
@@ -156,7 +157,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   }
   l->handlers = handlers;
   if (cfg->metrics_host &&
-      pgr_metrics_start(cfg->metrics_host, cfg->metrics_port, err,
+      pgr_http_start(cfg->metrics_host, cfg->metrics_port, err,
                         sizeof err) != 0) {
     fprintf(stderr, "pgrunner: --metrics-listen: %s\n", err);
     rc = 2;
@@ -220,7 +221,7 @@ out:
     if (uv_loop_close(&l->loop) != 0)
       pgr_warn("event loop closed with handles still open");
   }
-  pgr_metrics_stop();
+  pgr_http_stop();
   pgr_handlers_destroy(handlers);
   free(l->queue_running);
   free(l->cursors);

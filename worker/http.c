@@ -1,0 +1,207 @@
+/*
+ * http.c - the worker's HTTP endpoint on libmicrohttpd: routing, the
+ * listening socket, start and stop. What the pages say lives elsewhere
+ * (metrics.c renders /metrics and decides /healthz).
+ *
+ * Thread: pgr_http_start/stop run on the thread that owns the worker's
+ * lifecycle; answer() runs on libmicrohttpd's internal polling thread.
+ * Ownership: the daemon belongs to start/stop; each response body is
+ * malloc'd by its renderer and freed by libmicrohttpd (MHD_RESPMEM_MUST_FREE).
+ */
+#include "http.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "metrics.h"
+
+/* Connections served at once; more wait in the kernel's backlog. */
+#define MAX_CONNS 64
+/* A client that sends nothing for this long is cut off. */
+#define IDLE_TIMEOUT_S 10
+/* Per-connection memory, which bounds a request's head: past it the
+ * client gets 431. */
+#define CONN_MEMORY (8 * 1024)
+
+static const char text_plain[] = "text/plain; charset=utf-8";
+static const char text_metrics[] = "text/plain; version=0.0.4; charset=utf-8";
+
+static struct MHD_Daemon *daemon_;
+
+/* reply queues status with body (malloc'd; taken). libmicrohttpd leaves the
+ * body out of a HEAD reply and keeps its Content-Length. */
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status,
+                             const char *ctype, char *body) {
+  struct MHD_Response *r = MHD_create_response_from_buffer(
+      strlen(body), body, MHD_RESPMEM_MUST_FREE);
+  enum MHD_Result ok;
+
+  if (r == NULL) {
+    free(body);
+    return MHD_NO;
+  }
+  /* Scrapes are one request each: closing after it keeps nothing idle. */
+  if (MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype) !=
+          MHD_YES ||
+      MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") !=
+          MHD_YES ||
+      MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close") !=
+          MHD_YES ||
+      (status == MHD_HTTP_METHOD_NOT_ALLOWED &&
+       MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD") !=
+           MHD_YES)) {
+    MHD_destroy_response(r);
+    return MHD_NO;
+  }
+  ok = MHD_queue_response(conn, status, r);
+  MHD_destroy_response(r);
+  return ok;
+}
+
+/* answer is libmicrohttpd's access handler: every request comes here once
+ * its head is in, and is answered at once (no route reads a body). */
+static enum MHD_Result answer(void *cls, struct MHD_Connection *conn,
+                              const char *url, const char *method,
+                              const char *version, const char *upload_data,
+                              size_t *upload_data_size, void **req_cls) {
+  (void)cls;
+  (void)version;
+  (void)upload_data;
+  (void)upload_data_size;
+  (void)req_cls;
+
+  /* A request target in absolute form ("http://host/p", which RFC 9112
+     has servers accept) routes by its path. */
+  if (strncasecmp(url, "http://", 7) == 0 ||
+      strncasecmp(url, "https://", 8) == 0) {
+    const char *p = strchr(strchr(url, ':') + 3, '/');
+    url = p ? p : "/";
+  }
+  if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
+      strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
+    return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, text_plain,
+                 pgr_strdup("method not allowed\n"));
+  if (strcmp(url, "/metrics") == 0)
+    return reply(conn, MHD_HTTP_OK, text_metrics, pgr_metrics_render());
+  if (strcmp(url, "/healthz") == 0) {
+    char *body = NULL;
+    unsigned status = (unsigned)pgr_metrics_health(&body);
+    return reply(conn, status, text_plain, body);
+  }
+  return reply(conn, MHD_HTTP_NOT_FOUND, text_plain,
+               pgr_strdup("not found\n"));
+}
+
+/*
+ * open_listener binds and listens on host:port itself, so that a port in
+ * use is reported with its errno before anything starts, and so that "::"
+ * gets dual stack.
+ */
+static int open_listener(const char *host, int port, int *fd_out, char *errbuf,
+                         size_t errlen) {
+  struct sockaddr_storage ss;
+  socklen_t sslen;
+  int fd = -1, one = 1, v6 = 0, rc = PGR_EIO;
+
+  memset(&ss, 0, sizeof ss);
+  if (port < 1 || port > 65535) {
+    snprintf(errbuf, errlen, "port %d is out of range 1-65535", port);
+    rc = PGR_EUSAGE;
+    goto out;
+  }
+  if (strcmp(host, "localhost") == 0)
+    host = "127.0.0.1";
+  struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+  struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+  if (inet_pton(AF_INET, host, &sin->sin_addr) == 1) {
+    sin->sin_family = AF_INET;
+    sin->sin_port = htons((uint16_t)port);
+    sslen = sizeof *sin;
+  } else if (inet_pton(AF_INET6, host, &sin6->sin6_addr) == 1) {
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_port = htons((uint16_t)port);
+    sslen = sizeof *sin6;
+    v6 = 1;
+  } else {
+    snprintf(errbuf, errlen,
+             "\"%s\" is not an IPv4 or IPv6 address (use 0.0.0.0 for all "
+             "interfaces)",
+             host);
+    rc = PGR_EUSAGE;
+    goto out;
+  }
+
+  fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    snprintf(errbuf, errlen, "socket: %s", strerror(errno));
+    goto out;
+  }
+  /* Restarting right after a stop must not wait out TIME_WAIT. On Linux
+   * this never lets two listeners share a port. */
+  (void)setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (v6) {
+    /* "::" serves IPv4 too (dual stack); a specific address only itself. */
+    int only = !IN6_IS_ADDR_UNSPECIFIED(&sin6->sin6_addr);
+    (void)setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &only, sizeof only);
+  }
+  if (bind(fd, (struct sockaddr *)&ss, sslen) != 0 ||
+      listen(fd, MAX_CONNS) != 0) {
+    snprintf(errbuf, errlen, "cannot listen on %s%s%s:%d: %s", v6 ? "[" : "",
+             host, v6 ? "]" : "", port, strerror(errno));
+    rc = errno == EADDRINUSE || errno == EADDRNOTAVAIL || errno == EACCES
+             ? PGR_EUSAGE
+             : PGR_EIO;
+    goto out;
+  }
+  *fd_out = fd;
+  fd = -1;
+  rc = 0;
+out:
+  if (fd >= 0)
+    close(fd);
+  return rc;
+}
+
+int pgr_http_start(const char *host, int port, char *errbuf, size_t errlen) {
+  int fd = -1, rc;
+
+  if (daemon_ != NULL) {
+    snprintf(errbuf, errlen, "the metrics server is already running");
+    return PGR_EINVAL;
+  }
+  if (host == NULL || *host == '\0')
+    host = "0.0.0.0";
+  rc = open_listener(host, port, &fd, errbuf, errlen);
+  if (rc != 0)
+    return rc;
+  /* The daemon takes the socket (and closes it at stop); its own thread
+   * polls it. Writes to a vanished client use MSG_NOSIGNAL, so no SIGPIPE. */
+  daemon_ = MHD_start_daemon(
+      MHD_USE_AUTO_INTERNAL_THREAD, 0, NULL, NULL, answer, NULL,
+      MHD_OPTION_LISTEN_SOCKET, (MHD_socket)fd, MHD_OPTION_CONNECTION_LIMIT,
+      (unsigned int)MAX_CONNS, MHD_OPTION_CONNECTION_TIMEOUT,
+      (unsigned int)IDLE_TIMEOUT_S, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+      (size_t)CONN_MEMORY, MHD_OPTION_END);
+  if (daemon_ == NULL) {
+    close(fd);
+    snprintf(errbuf, errlen, "cannot start the HTTP server on %s:%d", host,
+             port);
+    return PGR_EIO;
+  }
+  return 0;
+}
+
+void pgr_http_stop(void) {
+  if (daemon_ == NULL)
+    return;
+  MHD_stop_daemon(daemon_);
+  daemon_ = NULL;
+}
