@@ -105,6 +105,7 @@ static size_t nseries;
 static int16_t slots[NSLOTS]; /* index into series + 1; 0 = empty */
 static int running;
 static int db_up;
+static uint64_t last_claim_ns; /* uv_hrtime() of the last claim; 0: none */
 
 static void init_once(void) {
   PGR_ASSERT(uv_mutex_init(&mu) == 0);
@@ -243,6 +244,14 @@ void pgr_metrics_set_running(int n) {
   uv_mutex_unlock(&mu);
 }
 
+void pgr_metrics_claim_succeeded(void) {
+  uint64_t now = uv_hrtime();
+  uv_once(&once, init_once);
+  uv_mutex_lock(&mu);
+  last_claim_ns = now;
+  uv_mutex_unlock(&mu);
+}
+
 void pgr_metrics_set_db_up(int up) {
   uv_once(&once, init_once);
   uv_mutex_lock(&mu);
@@ -262,7 +271,7 @@ static int get_db_up(void) {
 
 /* Label values escape backslash, double quote and newline (exposition
  * format 0.0.4). */
-static void add_label_value(struct pgr_buf *b, const char *v) {
+void pgr_metrics_add_label_value(struct pgr_buf *b, const char *v) {
   for (const char *p = v; *p; p++) {
     switch (*p) {
     case '\\':
@@ -283,9 +292,9 @@ static void add_label_value(struct pgr_buf *b, const char *v) {
 static void add_labels(struct pgr_buf *b, const struct series *s,
                        const char *le) {
   pgr_buf_adds(b, "{queue=\"");
-  add_label_value(b, s->queue);
+  pgr_metrics_add_label_value(b, s->queue);
   pgr_buf_adds(b, "\",kind=\"");
-  add_label_value(b, s->kind);
+  pgr_metrics_add_label_value(b, s->kind);
   pgr_buf_addc(b, '"');
   if (le) {
     pgr_buf_adds(b, ",le=\"");
@@ -333,6 +342,7 @@ char *pgr_metrics_render(void) {
     snap[i] = *series[i]; /* label strings are never freed: borrow them */
   run = running;
   up = db_up;
+  uint64_t claim_ns = last_claim_ns;
   uv_mutex_unlock(&mu);
 
   if (n > 1)
@@ -375,6 +385,13 @@ char *pgr_metrics_render(void) {
   add_header(&b, "pgrunner_db_up", "gauge",
              "1 while the worker's database connection is up, else 0.");
   pgr_buf_printf(&b, "pgrunner_db_up %d\n", up);
+  if (claim_ns != 0) {
+    add_header(&b, "pgrunner_last_claim_age_seconds", "gauge",
+               "Seconds since this worker's last claim statement succeeded "
+               "(claims run at least every --poll-interval).");
+    pgr_buf_printf(&b, "pgrunner_last_claim_age_seconds %.3f\n",
+                   (double)(uv_hrtime() - claim_ns) / 1e9);
+  }
   add_header(&b, "pgrunner_log_records_dropped_total", "counter",
              "Debug log records dropped because the log queue was full.");
   pgr_buf_printf(&b, "pgrunner_log_records_dropped_total %llu\n",
@@ -387,7 +404,7 @@ char *pgr_metrics_render(void) {
   add_header(&b, "pgrunner_build_info", "gauge",
              "Always 1; the labels name the build.");
   pgr_buf_adds(&b, "pgrunner_build_info{version=\"");
-  add_label_value(&b, PGR_VERSION);
+  pgr_metrics_add_label_value(&b, PGR_VERSION);
   pgr_buf_adds(&b, "\"} 1\n");
 
   free(snap);

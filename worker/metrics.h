@@ -18,6 +18,11 @@ void pgr_metrics_task_done(const char *queue, const char *kind,
                            enum pgr_done done, double seconds);
 void pgr_metrics_set_running(int n);
 void pgr_metrics_set_db_up(int up);
+/* A claim statement succeeded (whether or not it found tasks). */
+void pgr_metrics_claim_succeeded(void);
+/* Append a label value escaped for the text format (backslash, quote,
+ * newline). */
+void pgr_metrics_add_label_value(struct pgr_buf *b, const char *v);
 /* The Prometheus text of the current counters (malloc'd); for tests too. */
 char *pgr_metrics_render(void);
 /* The /healthz answer: the HTTP status, and a one-line body (malloc'd). */

@@ -26,11 +26,12 @@ import glob
 import json
 import os
 import time
+import urllib.request
 
 import pytest
 
-from pgr_fixtures import (PgServer, create_db, run_pgrunner, Worker,
-                          wait_until)
+from pgr_fixtures import (PgServer, create_db, free_port, run_pgrunner,
+                          Worker, wait_until)
 
 # What consumes its whole input: a LIMIT above one of these does not bound
 # the scan below it.
@@ -44,7 +45,8 @@ RUNNING_SCANNERS = ("NOT EXISTS (SELECT 1 FROM pgrunner.workers",
                     "t.worker_id = ANY (dead) AND t.state = 'running'",
                     "WHERE t.worker_id = w.id AND t.state = 'running'",
                     "t.worker_id = worker AND t.state = 'running'",
-                    "WHERE t.state = 'running' GROUP BY")
+                    "WHERE t.state = 'running' GROUP BY",
+                    "WHERE t.state = 'running' AND t.queue = q.name LIMIT")
 LOOKUP_INDEXES = {"tasks_pkey", "tasks_key_idx"}
 
 
@@ -193,8 +195,10 @@ def exercise(server, db, bulk_sql=None):
     there), then bulk_sql runs, and only the plans from then on count."""
     explain_on(db)
     db.query(SETUP_KINDS)
+    port = free_port()
     w = Worker(db, ["--concurrency", "2", "--poll-interval", "100",
-                    "--retention", "3d", "--log-level", "warn"], None,
+                    "--retention", "3d", "--log-level", "warn",
+                    "--metrics-listen", f"127.0.0.1:{port}"], None,
                os.path.join(server.tmp, f"worker-{db.name}.out"))
     try:
         if bulk_sql:
@@ -205,6 +209,10 @@ def exercise(server, db, bulk_sql=None):
         pos = log_position(server)
         ids = some_of_each(db)
         time.sleep(6.5)  # heartbeats, recovery, give-back (5 s), prune (5 s)
+        for _ in range(2):  # the gauges of /metrics, planned and cached
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                assert b"pgrunner_gauges_up 1" in r.read()
         for args in (["status"], ["status", "--json"],
                      ["add", "noop", "--key", "k2"],
                      ["cancel", str(ids[0])]):
@@ -236,6 +244,8 @@ def assert_plans(plans):
                for q in seen), "retention never ran"
     assert any("NOT EXISTS (SELECT 1 FROM pgrunner.workers" in q
                for q in seen), "recovery never ran"
+    assert any("ORDER BY t.priority LIMIT 1" in q for q in seen), \
+        "the /metrics gauges never ran"
     bad = []
     for p in plans:
         for v in violations(p):

@@ -25,7 +25,7 @@
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 
-#include "http.h"
+#include "web/http.h"
 #include "metrics.h"
 
 /* ---- helpers ------------------------------------------------------------ */

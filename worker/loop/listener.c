@@ -141,6 +141,7 @@ static void on_claimed(struct pgr_pgconn *pc, PGresult *res, void *arg) {
     pgr_error("claim failed", PGR_LS("error", m ? m : "unknown error"));
     return;
   }
+  pgr_metrics_claim_succeeded();
   int n = PQntuples(res);
   for (int i = 0; i < n; i++) {
     if (PQgetisnull(res, i, 0)) {

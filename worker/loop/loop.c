@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "http.h"
+#include "web/http.h"
 #include "log.h"
 #include "loop/internal.h"
 #include "metrics.h"
@@ -156,9 +156,20 @@ int pgr_loop_run(const struct pgr_config *cfg) {
     goto out;
   }
   l->handlers = handlers;
+  if (cfg->metrics_host) {
+    /* The gauges are read on the HTTP server's thread, on a connection of
+       its own: "/web" keeps it out of this worker's liveness. */
+    char webname[sizeof l->appname + 8];
+    const char **names = pgr_calloc(cfg->nqueues + 1, sizeof *names);
+    for (size_t i = 0; i < cfg->nqueues; i++)
+      names[i] = cfg->queues[i].name;
+    snprintf(webname, sizeof webname, "%s/web", l->appname);
+    pgr_http_set_database(cfg->db, webname, names, cfg->nqueues);
+    free(names);
+  }
   if (cfg->metrics_host &&
-      pgr_http_start(cfg->metrics_host, cfg->metrics_port, err,
-                        sizeof err) != 0) {
+      pgr_http_start(cfg->metrics_host, cfg->metrics_port, err, sizeof err) !=
+          0) {
     fprintf(stderr, "pgrunner: --metrics-listen: %s\n", err);
     rc = 2;
     goto out;

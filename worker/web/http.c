@@ -8,7 +8,7 @@
  * Ownership: the daemon belongs to start/stop; each response body is
  * malloc'd by its renderer and freed by libmicrohttpd (MHD_RESPMEM_MUST_FREE).
  */
-#include "http.h"
+#include "web/http.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -22,6 +22,8 @@
 #include <unistd.h>
 
 #include "metrics.h"
+#include "web/gauges.h"
+#include "web/webdb.h"
 
 /* Connections served at once; more wait in the kernel's backlog. */
 #define MAX_CONNS 64
@@ -35,6 +37,36 @@ static const char text_plain[] = "text/plain; charset=utf-8";
 static const char text_metrics[] = "text/plain; version=0.0.4; charset=utf-8";
 
 static struct MHD_Daemon *daemon_;
+/* The gauges' source: set before start, read by the server's thread, freed
+ * after stop. */
+static char **queues_;
+static size_t nqueues_;
+static int have_db_;
+
+void pgr_http_set_database(const char *conninfo, const char *appname,
+                           const char *const *queues, size_t nqueues) {
+  PGR_ASSERT(daemon_ == NULL);
+  pgr_webdb_setup(conninfo, appname);
+  queues_ = pgr_calloc(nqueues ? nqueues : 1, sizeof *queues_);
+  for (size_t i = 0; i < nqueues; i++)
+    queues_[i] = pgr_strdup(queues[i]);
+  nqueues_ = nqueues;
+  have_db_ = 1;
+}
+
+/* The counters of this process, then the gauges read from the database. */
+static char *render_metrics(void) {
+  char *own = pgr_metrics_render();
+  struct pgr_buf b;
+
+  if (!have_db_)
+    return own;
+  pgr_buf_init(&b);
+  pgr_buf_adds(&b, own);
+  free(own);
+  pgr_gauges_render((const char *const *)queues_, nqueues_, &b);
+  return b.data;
+}
 
 /* reply queues status with body (malloc'd; taken). libmicrohttpd leaves the
  * body out of a HEAD reply and keeps its Content-Length. */
@@ -90,7 +122,7 @@ static enum MHD_Result answer(void *cls, struct MHD_Connection *conn,
     return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, text_plain,
                  pgr_strdup("method not allowed\n"));
   if (strcmp(url, "/metrics") == 0)
-    return reply(conn, MHD_HTTP_OK, text_metrics, pgr_metrics_render());
+    return reply(conn, MHD_HTTP_OK, text_metrics, render_metrics());
   if (strcmp(url, "/healthz") == 0) {
     char *body = NULL;
     unsigned status = (unsigned)pgr_metrics_health(&body);
@@ -200,8 +232,16 @@ int pgr_http_start(const char *host, int port, char *errbuf, size_t errlen) {
 }
 
 void pgr_http_stop(void) {
-  if (daemon_ == NULL)
-    return;
-  MHD_stop_daemon(daemon_);
+  if (daemon_ != NULL)
+    MHD_stop_daemon(daemon_);
   daemon_ = NULL;
+  if (have_db_) {
+    pgr_webdb_close();
+    for (size_t i = 0; i < nqueues_; i++)
+      free(queues_[i]);
+    free(queues_);
+    queues_ = NULL;
+    nqueues_ = 0;
+    have_db_ = 0;
+  }
 }

@@ -18,6 +18,11 @@
  * PGR_EUSAGE for a bad address or a port in use, with a reason in errbuf. */
 PGR_MUSTCHECK int pgr_http_start(const char *host, int port, char *errbuf,
                                  size_t errlen);
+/* Before start: read the queue gauges of these queues from this database
+ * (as application_name appname) for /metrics. Without it, /metrics has this
+ * process's counters only. Copies everything. */
+void pgr_http_set_database(const char *conninfo, const char *appname,
+                           const char *const *queues, size_t nqueues);
 /* Close the listener and every connection; harmless when not started. */
 void pgr_http_stop(void);
 
