@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
-  python3-aiosmtpd openssl"
+  python3-aiosmtpd python3-websocket chromium openssl"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 

@@ -189,6 +189,16 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) {
   b->len += (size_t)n;
 }
 
+void pgr_buf_add_array(struct pgr_buf *b, const char *const *items, size_t n) {
+  pgr_buf_addc(b, '{');
+  for (size_t i = 0; i < n; i++) {
+    if (i > 0)
+      pgr_buf_addc(b, ',');
+    pgr_buf_add_array_elem(b, items[i]);
+  }
+  pgr_buf_addc(b, '}');
+}
+
 void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s) {
   pgr_buf_addc(b, '"');
   for (; *s; s++) {

@@ -103,6 +103,8 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
 
 /* One element of a PostgreSQL array literal: double-quoted, escaped. */
 void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);
+/* A whole PostgreSQL text[] literal of n strings. */
+void pgr_buf_add_array(struct pgr_buf *b, const char *const *items, size_t n);
 
 #define pgr_container_of(ptr, type, member)                                    \
   ((type *)((char *)(ptr)-offsetof(type, member)))

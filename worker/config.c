@@ -34,6 +34,7 @@ enum {
   OPT_LOG_LEVEL,
   OPT_LOG_FORMAT,
   OPT_METRICS,
+  OPT_LISTEN,
   OPT_PLUGIN,
   OPT_JOBS_SCHEMA,
   OPT_RETENTION,
@@ -76,6 +77,11 @@ static const struct option work_opts[] = {
     {0, 0, 0, 0},
 };
 
+static const struct option web_opts[] = {
+    {"listen", required_argument, NULL, OPT_LISTEN},
+    {0, 0, 0, 0},
+};
+
 static const struct option add_opts[] = {
     {"queue", required_argument, NULL, OPT_QUEUE},
     {"run-at", required_argument, NULL, OPT_RUN_AT},
@@ -103,6 +109,7 @@ static const char usage_main[] =
     "  cancel ID          cancel a task\n"
     "  retry ID           queue a failed or cancelled task again\n"
     "  migrate            create or upgrade the database schema\n"
+    "  web                serve the dashboard without working\n"
     "\n"
     "Options for every command:\n"
     "  --db CONNINFO      libpq conninfo or postgres:// URL\n"
@@ -177,6 +184,17 @@ static const char usage_migrate[] =
     "Create or upgrade the pgrunner schema. Idempotent; safe to run from\n"
     "several processes at once.\n";
 
+static const char usage_web[] =
+    "Usage: pgrunner web [--listen ADDR:PORT]\n"
+    "\n"
+    "Serve the dashboard (/, a page per task) and /healthz without running\n"
+    "tasks, until SIGINT or SIGTERM. Retry and cancel work only when\n"
+    "PGRUNNER_ADMIN_TOKEN is set and a request carries it.\n"
+    "\n"
+    "  --listen ADDR:PORT   where to listen (127.0.0.1:9188; env\n"
+    "                       PGRUNNER_WEB_LISTEN). The page shows payloads\n"
+    "                       and errors: keep it off public addresses.\n";
+
 const char *pgr_config_usage(enum pgr_command cmd) {
   switch (cmd) {
   case PGR_CMD_WORK:
@@ -191,6 +209,8 @@ const char *pgr_config_usage(enum pgr_command cmd) {
     return usage_retry;
   case PGR_CMD_MIGRATE:
     return usage_migrate;
+  case PGR_CMD_WEB:
+    return usage_web;
   default:
     return usage_main;
   }
@@ -498,6 +518,7 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
     cfg->shutdown_timeout_s = (int)n;
     return 0;
   case OPT_METRICS:
+  case OPT_LISTEN:
     if (parse_listen(val, &cfg->metrics_host, &cfg->metrics_port) != 0)
       return usage_error(errbuf, errlen, "%s: \"%s\" is not ADDR:PORT", src,
                          val);
@@ -592,6 +613,10 @@ static const struct env_opt work_env[] = {
     {"PGRUNNER_TASK_TIMEOUT", OPT_TASK_TIMEOUT},
 };
 
+static const struct env_opt web_env[] = {
+    {"PGRUNNER_WEB_LISTEN", OPT_LISTEN},
+};
+
 static const struct env_opt global_env[] = {
     {"PGRUNNER_LOG_DIR", OPT_LOG_DIR},
     {"PGRUNNER_LOG_LEVEL", OPT_LOG_LEVEL},
@@ -668,6 +693,7 @@ static const struct {
     {"work", PGR_CMD_WORK},     {"add", PGR_CMD_ADD},
     {"status", PGR_CMD_STATUS}, {"cancel", PGR_CMD_CANCEL},
     {"retry", PGR_CMD_RETRY},   {"migrate", PGR_CMD_MIGRATE},
+    {"web", PGR_CMD_WEB},
     {"help", PGR_CMD_HELP},
 };
 
@@ -689,6 +715,10 @@ static struct option *options_for(enum pgr_command cmd) {
   case PGR_CMD_STATUS:
     own = status_opts;
     no = PGR_ARRAY_LEN(status_opts) - 1;
+    break;
+  case PGR_CMD_WEB:
+    own = web_opts;
+    no = PGR_ARRAY_LEN(web_opts) - 1;
     break;
   default:
     break;
@@ -834,6 +864,10 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
   if ((rc = apply_env(cfg, global_env, PGR_ARRAY_LEN(global_env), given, errbuf,
                       errlen)) != 0)
     goto out;
+  if (cfg->command == PGR_CMD_WEB &&
+      (rc = apply_env(cfg, web_env, PGR_ARRAY_LEN(web_env), given, errbuf,
+                      errlen)) != 0)
+    goto out;
   if (cfg->command == PGR_CMD_WORK) {
     if ((rc = apply_env(cfg, work_env, PGR_ARRAY_LEN(work_env), given, errbuf,
                         errlen)) != 0)
@@ -908,6 +942,10 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
     break;
   }
 
+  if (cfg->command == PGR_CMD_WEB && cfg->metrics_host == NULL) {
+    cfg->metrics_host = pgr_strdup("127.0.0.1");
+    cfg->metrics_port = 9188;
+  }
   if (cfg->command == PGR_CMD_WORK && cfg->nqueues == 0) {
     cfg->queues = pgr_calloc(1, sizeof *cfg->queues);
     cfg->queues[0].name = pgr_strdup("default");

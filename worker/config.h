@@ -24,6 +24,7 @@ enum pgr_command {
   PGR_CMD_CANCEL,
   PGR_CMD_RETRY,
   PGR_CMD_MIGRATE,
+  PGR_CMD_WEB,
   PGR_CMD_HELP,
   PGR_CMD_VERSION,
 };

@@ -35,6 +35,8 @@ static const char *proc_name(enum pgr_command cmd) {
     return "retry";
   case PGR_CMD_MIGRATE:
     return "migrate";
+  case PGR_CMD_WEB:
+    return "web";
   default:
     return "pgrunner";
   }
@@ -124,6 +126,9 @@ int main(int argc, char **argv) {
     break;
   case PGR_CMD_RETRY:
     rc = pgr_cmd_retry(&cfg);
+    break;
+  case PGR_CMD_WEB:
+    rc = pgr_cmd_web(&cfg);
     break;
   default:
     rc = PGR_EUSAGE;

@@ -46,7 +46,8 @@ RUNNING_SCANNERS = ("NOT EXISTS (SELECT 1 FROM pgrunner.workers",
                     "WHERE t.worker_id = w.id AND t.state = 'running'",
                     "t.worker_id = worker AND t.state = 'running'",
                     "WHERE t.state = 'running' GROUP BY",
-                    "WHERE t.state = 'running' AND t.queue = q.name LIMIT")
+                    "WHERE t.state = 'running' AND t.queue = q.name LIMIT",
+                    "WHERE t.state = 'running' ORDER BY t.started_at")
 LOOKUP_INDEXES = {"tasks_pkey", "tasks_key_idx"}
 
 
@@ -209,10 +210,14 @@ def exercise(server, db, bulk_sql=None):
         pos = log_position(server)
         ids = some_of_each(db)
         time.sleep(6.5)  # heartbeats, recovery, give-back (5 s), prune (5 s)
-        for _ in range(2):  # the gauges of /metrics, planned and cached
+        for _ in range(2):  # the gauges of /metrics and the dashboard
             with urllib.request.urlopen(
                     f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
                 assert b"pgrunner_gauges_up 1" in r.read()
+            for page in ("/", f"/task/{ids[0]}"):
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{port}{page}", timeout=30) as r:
+                    assert r.status == 200
         for args in (["status"], ["status", "--json"],
                      ["add", "noop", "--key", "k2"],
                      ["cancel", str(ids[0])]):
@@ -246,6 +251,8 @@ def assert_plans(plans):
                for q in seen), "recovery never ran"
     assert any("ORDER BY t.priority LIMIT 1" in q for q in seen), \
         "the /metrics gauges never ran"
+    assert any("ORDER BY t.finished_at DESC LIMIT 20" in q for q in seen), \
+        "the dashboard never ran"
     bad = []
     for p in plans:
         for v in violations(p):

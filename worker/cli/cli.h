@@ -1,5 +1,6 @@
 /*
- * cli.h - the one-shot commands: migrate, add, status, cancel, retry.
+ * cli.h - the commands other than work: migrate, add, status, cancel,
+ * retry, and web (which serves until it is stopped).
  *
  * Thread: the main thread of a short-lived process; these block on the
  * database (worker/db.h) and never run inside the worker's event loop.
@@ -16,6 +17,8 @@ PGR_MUSTCHECK int pgr_cmd_add(const struct pgr_config *cfg);
 PGR_MUSTCHECK int pgr_cmd_status(const struct pgr_config *cfg);
 PGR_MUSTCHECK int pgr_cmd_cancel(const struct pgr_config *cfg);
 PGR_MUSTCHECK int pgr_cmd_retry(const struct pgr_config *cfg);
+/* Serve the dashboard until SIGINT or SIGTERM (web.c). */
+PGR_MUSTCHECK int pgr_cmd_web(const struct pgr_config *cfg);
 
 /* Used by `work` too: apply pending migrations on an open connection. */
 struct pg_conn;

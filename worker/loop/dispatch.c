@@ -66,6 +66,8 @@ void pgr_dispatch_on_done(uv_async_t *a) {
     forget(l, c);
     pgr_metrics_task_done(c->queue, c->kind, c->done,
                           (double)(c->finished_us - c->started_us) / 1e6);
+    if (c->queue_index >= 0 && c->done <= PGR_DONE_FAILED)
+      l->queue_done[c->queue_index][c->done]++;
     if (c->done == PGR_DONE_RETRY || c->done == PGR_DONE_REQUEUED)
       l->more = 1; /* the claim finds out when it is due */
     pgr_claim_free(c);

@@ -53,6 +53,11 @@ struct pgr_loop {
   struct pgr_claim *inflight;
   int ninflight;
   int *queue_running; /* per cfg->queues index */
+  /* Outcomes per cfg->queues index, and what the janitor reported of them
+     to pgrunner.queue_stats; indexes PGR_DONE_SUCCEEDED, _RETRY, _FAILED. */
+  uint64_t (*queue_done)[3];
+  uint64_t (*queue_reported)[3];
+  int stats_busy;
   struct pgr_cursor *cursors; /* per cfg->queues index */
   uint64_t swept_ms;          /* last claim from the front of every queue */
 

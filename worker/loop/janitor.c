@@ -17,6 +17,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -31,6 +32,8 @@
    comes back full, so it keeps up with any rate the worker reaches. */
 #define PRUNE_BATCH 5000
 #define PRUNE_EVERY_MS 5000
+/* Task outcomes go to pgrunner.queue_stats this often (0012). */
+#define STATS_EVERY_TICKS 10
 
 static struct pgr_loop *loop_of(struct pgr_pgconn *c) {
   return c->data;
@@ -108,6 +111,82 @@ static void sweep(struct pgr_loop *l) {
     l->sweep_busy = 1;
 }
 
+/* What report_stats sent; on success it counts as reported. */
+struct stats_sent {
+  struct pgr_loop *l;
+  uint64_t (*sent)[3];
+};
+
+static void on_stats(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  struct stats_sent *s = arg;
+  struct pgr_loop *l = s->l;
+  (void)pc;
+  l->stats_busy = 0;
+  if (res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK)
+    memcpy(l->queue_reported, s->sent, l->cfg->nqueues * sizeof *s->sent);
+  else if (res != NULL)
+    pgr_warn("recording task counts failed",
+             PGR_LS("error", PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+                                 ? PQresultErrorField(
+                                       res, PG_DIAG_MESSAGE_PRIMARY)
+                                 : "unknown error"));
+  free(s->sent);
+  free(s);
+}
+
+/* Report the outcomes counted since the last report that went through; a
+   failed report is folded into the next one. */
+static void report_stats(struct pgr_loop *l) {
+  const struct pgr_config *cfg = l->cfg;
+  struct pgr_buf arr[4];
+  int any = 0;
+
+  if (l->stats_busy || !pgr_pgconn_ready(&l->maint))
+    return;
+  for (size_t i = 0; i < cfg->nqueues; i++)
+    for (int k = 0; k < 3; k++)
+      any |= l->queue_done[i][k] != l->queue_reported[i][k];
+  if (!any)
+    return;
+  for (int k = 0; k < 4; k++) {
+    pgr_buf_init(&arr[k]);
+    pgr_buf_addc(&arr[k], '{');
+  }
+  for (size_t i = 0; i < cfg->nqueues; i++) {
+    for (int k = 0; k < 4; k++)
+      if (i > 0)
+        pgr_buf_addc(&arr[k], ',');
+    pgr_buf_add_array_elem(&arr[0], cfg->queues[i].name);
+    pgr_buf_printf(&arr[1], "%llu",
+                   (unsigned long long)(l->queue_done[i][PGR_DONE_SUCCEEDED] -
+                                        l->queue_reported[i][PGR_DONE_SUCCEEDED]));
+    pgr_buf_printf(&arr[2], "%llu",
+                   (unsigned long long)(l->queue_done[i][PGR_DONE_FAILED] -
+                                        l->queue_reported[i][PGR_DONE_FAILED]));
+    pgr_buf_printf(&arr[3], "%llu",
+                   (unsigned long long)(l->queue_done[i][PGR_DONE_RETRY] -
+                                        l->queue_reported[i][PGR_DONE_RETRY]));
+  }
+  for (int k = 0; k < 4; k++)
+    pgr_buf_addc(&arr[k], '}');
+  struct stats_sent *s = pgr_calloc(1, sizeof *s);
+  s->l = l;
+  s->sent = pgr_malloc(cfg->nqueues * sizeof *s->sent);
+  memcpy(s->sent, l->queue_done, cfg->nqueues * sizeof *s->sent);
+  const char *params[4] = {arr[0].data, arr[1].data, arr[2].data, arr[3].data};
+  if (pgr_pgconn_query(&l->maint,
+                       "SELECT pgrunner.record_stats($1::text[], $2::bigint[], "
+                       "$3::bigint[], $4::bigint[])",
+                       4, params, on_stats, s) == 0) {
+    l->stats_busy = 1;
+  } else {
+    free(s->sent);
+    free(s);
+  }
+  for (int k = 0; k < 4; k++)
+    pgr_buf_free(&arr[k]);
+}
+
 static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
   /* Until the claim connection has registered, the heartbeat goes there:
@@ -119,6 +198,8 @@ static void on_heartbeat_timer(uv_timer_t *t) {
     pgr_listener_release_unknown(l);
   if (l->ticks % SWEEP_EVERY_TICKS == SWEEP_AT_TICK)
     sweep(l);
+  if (l->ticks % STATS_EVERY_TICKS == 0)
+    report_stats(l);
 }
 
 static void prune(struct pgr_loop *l);

@@ -149,6 +149,8 @@ int pgr_loop_run(const struct pgr_config *cfg) {
     strcpy(l->hostname, "unknown");
   l->queue_running = pgr_calloc(cfg->nqueues, sizeof *l->queue_running);
   l->cursors = pgr_calloc(cfg->nqueues, sizeof *l->cursors);
+  l->queue_done = pgr_calloc(cfg->nqueues, sizeof *l->queue_done);
+  l->queue_reported = pgr_calloc(cfg->nqueues, sizeof *l->queue_reported);
 
   if (pgr_handlers_create(cfg, &handlers, err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
@@ -165,6 +167,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
       names[i] = cfg->queues[i].name;
     snprintf(webname, sizeof webname, "%s/web", l->appname);
     pgr_http_set_database(cfg->db, webname, names, cfg->nqueues);
+    pgr_http_enable_dashboard(0);
     free(names);
   }
   if (cfg->metrics_host &&
@@ -236,6 +239,8 @@ out:
   pgr_handlers_destroy(handlers);
   free(l->queue_running);
   free(l->cursors);
+  free(l->queue_done);
+  free(l->queue_reported);
   free(l);
   return rc;
 }

@@ -56,6 +56,14 @@ static const char gauges_sql[] =
     "     AND t.finished_at > now() - interval '1 hour' LIMIT $2) x)"
     "  FROM unnest($1::text[]) AS q(name)";
 
+PGresult *pgr_gauges_query(PGconn *conn, const char *queues, char *err,
+                           size_t errlen) {
+  char cap[16], sqlstate[6];
+  snprintf(cap, sizeof cap, "%d", PGR_GAUGE_CAP);
+  const char *params[2] = {queues, cap};
+  return pgr_db_exec(conn, gauges_sql, 2, params, err, errlen, sqlstate);
+}
+
 static const char workers_sql[] =
     "SELECT count(*) FROM pgrunner.workers w"
     " WHERE w.heartbeat_at > now() - interval '30 seconds'";
@@ -84,7 +92,7 @@ void pgr_gauges_render(const char *const *queues, size_t nqueues,
       {"pgrunner_queue_failed_last_hour",
        "Tasks that failed for good in the last hour (capped)."},
   };
-  char err[256], cap[16], sqlstate[6];
+  char err[256], sqlstate[6];
   struct pgr_buf arr;
   PGresult *rows = NULL, *live = NULL;
   PGconn *conn = pgr_webdb_get(err, sizeof err);
@@ -92,16 +100,8 @@ void pgr_gauges_render(const char *const *queues, size_t nqueues,
   pgr_buf_init(&arr);
   if (conn == NULL)
     goto out;
-  pgr_buf_addc(&arr, '{');
-  for (size_t i = 0; i < nqueues; i++) {
-    if (i > 0)
-      pgr_buf_addc(&arr, ',');
-    pgr_buf_add_array_elem(&arr, queues[i]);
-  }
-  pgr_buf_addc(&arr, '}');
-  snprintf(cap, sizeof cap, "%d", PGR_GAUGE_CAP);
-  const char *params[2] = {arr.data, cap};
-  rows = pgr_db_exec(conn, gauges_sql, 2, params, err, sizeof err, sqlstate);
+  pgr_buf_add_array(&arr, queues, nqueues);
+  rows = pgr_gauges_query(conn, arr.data, err, sizeof err);
   if (rows != NULL)
     live = pgr_db_exec(conn, workers_sql, 0, NULL, err, sizeof err, sqlstate);
   if (rows == NULL || live == NULL) {

@@ -21,7 +21,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
+
 #include "metrics.h"
+#include "web/dashboard.h"
 #include "web/gauges.h"
 #include "web/webdb.h"
 
@@ -35,6 +38,14 @@
 
 static const char text_plain[] = "text/plain; charset=utf-8";
 static const char text_metrics[] = "text/plain; version=0.0.4; charset=utf-8";
+static const char text_html[] = "text/html; charset=utf-8";
+static const char app_json[] = "application/json";
+/* The dashboard runs its one script file and nothing inline, so markup that
+ * slipped through escaping could still not run script. */
+static const char csp[] =
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'";
 
 static struct MHD_Daemon *daemon_;
 /* The gauges' source: set before start, read by the server's thread, freed
@@ -42,6 +53,16 @@ static struct MHD_Daemon *daemon_;
 static char **queues_;
 static size_t nqueues_;
 static int have_db_;
+static int dashboard_;
+static int standalone_; /* `pgrunner web`: no worker in this process */
+/* PGRUNNER_ADMIN_TOKEN at start; NULL: the dashboard is read-only. */
+static char *token_;
+
+void pgr_http_enable_dashboard(int standalone) {
+  PGR_ASSERT(daemon_ == NULL);
+  dashboard_ = 1;
+  standalone_ = standalone != 0;
+}
 
 void pgr_http_set_database(const char *conninfo, const char *appname,
                            const char *const *queues, size_t nqueues) {
@@ -81,6 +102,15 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status,
     return MHD_NO;
   }
   /* Scrapes are one request each: closing after it keeps nothing idle. */
+  if (ctype == text_html &&
+      (MHD_add_response_header(r, "Content-Security-Policy", csp) != MHD_YES ||
+       MHD_add_response_header(r, "X-Content-Type-Options", "nosniff") !=
+           MHD_YES ||
+       MHD_add_response_header(r, "Referrer-Policy", "no-referrer") !=
+           MHD_YES)) {
+    MHD_destroy_response(r);
+    return MHD_NO;
+  }
   if (MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype) !=
           MHD_YES ||
       MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") !=
@@ -96,6 +126,69 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status,
   ok = MHD_queue_response(conn, status, r);
   MHD_destroy_response(r);
   return ok;
+}
+
+/* page answers with what a dashboard renderer put in b. */
+static enum MHD_Result page(struct MHD_Connection *conn, int status,
+                            const char *ctype, struct pgr_buf *b) {
+  if (b->data == NULL)
+    pgr_buf_adds(b, "");
+  return reply(conn, (unsigned)status, ctype, b->data);
+}
+
+/* The request carries the admin token (compared in constant time). */
+static int authorized(struct MHD_Connection *conn) {
+  const char *t =
+      MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Pgrunner-Token");
+  size_t n = token_ ? strlen(token_) : 0;
+  return token_ != NULL && t != NULL && strlen(t) == n &&
+         CRYPTO_memcmp(t, token_, n) == 0;
+}
+
+/* POST /api/tasks/ID/ACTION: the only requests that change anything. */
+static enum MHD_Result action(struct MHD_Connection *conn, const char *rest) {
+  struct pgr_buf b;
+  char id[32];
+  const char *slash = strchr(rest, '/');
+
+  pgr_buf_init(&b);
+  if (token_ == NULL)
+    return reply(conn, MHD_HTTP_FORBIDDEN, app_json,
+                 pgr_strdup("{\"error\":\"read-only: PGRUNNER_ADMIN_TOKEN "
+                            "is not set\"}\n"));
+  if (!authorized(conn))
+    return reply(conn, MHD_HTTP_FORBIDDEN, app_json,
+                 pgr_strdup("{\"error\":\"wrong or missing token\"}\n"));
+  if (slash == NULL || (size_t)(slash - rest) >= sizeof id)
+    return reply(conn, MHD_HTTP_NOT_FOUND, app_json,
+                 pgr_strdup("{\"error\":\"not found\"}\n"));
+  memcpy(id, rest, (size_t)(slash - rest));
+  id[slash - rest] = '\0';
+  int status = pgr_dash_action(id, slash + 1, &b);
+  return page(conn, status, app_json, &b);
+}
+
+/* GET routes of the dashboard; MHD_NO-like -1 when the path is not one. */
+static int dashboard(struct MHD_Connection *conn, const char *url,
+                     enum MHD_Result *ret) {
+  struct pgr_buf b;
+  const char *ctype, *asset;
+  int status;
+
+  if ((asset = pgr_dash_asset(url, &ctype)) != NULL) {
+    *ret = reply(conn, MHD_HTTP_OK, ctype, pgr_strdup(asset));
+    return 0;
+  }
+  pgr_buf_init(&b);
+  if (strcmp(url, "/") == 0)
+    status = pgr_dash_index((const char *const *)queues_, nqueues_,
+                            token_ != NULL, &b);
+  else if (strncmp(url, "/task/", 6) == 0)
+    status = pgr_dash_task(url + 6, token_ != NULL, &b);
+  else
+    return -1;
+  *ret = page(conn, status, text_html, &b);
+  return 0;
 }
 
 /* answer is libmicrohttpd's access handler: every request comes here once
@@ -117,17 +210,31 @@ static enum MHD_Result answer(void *cls, struct MHD_Connection *conn,
     const char *p = strchr(strchr(url, ':') + 3, '/');
     url = p ? p : "/";
   }
+  if (dashboard_ && strcmp(method, MHD_HTTP_METHOD_POST) == 0 &&
+      strncmp(url, "/api/tasks/", 11) == 0)
+    return action(conn, url + 11);
   if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 &&
       strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
     return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, text_plain,
                  pgr_strdup("method not allowed\n"));
   if (strcmp(url, "/metrics") == 0)
     return reply(conn, MHD_HTTP_OK, text_metrics, render_metrics());
+  if (strcmp(url, "/healthz") == 0 && standalone_) {
+    /* `pgrunner web`: healthy while it can read the database. */
+    char err[256];
+    if (pgr_webdb_get(err, sizeof err) != NULL)
+      return reply(conn, MHD_HTTP_OK, text_plain, pgr_strdup("ok\n"));
+    return reply(conn, MHD_HTTP_SERVICE_UNAVAILABLE, text_plain,
+                 pgr_asprintf("database unavailable: %s\n", err));
+  }
   if (strcmp(url, "/healthz") == 0) {
     char *body = NULL;
     unsigned status = (unsigned)pgr_metrics_health(&body);
     return reply(conn, status, text_plain, body);
   }
+  enum MHD_Result ret;
+  if (dashboard_ && dashboard(conn, url, &ret) == 0)
+    return ret;
   return reply(conn, MHD_HTTP_NOT_FOUND, text_plain,
                pgr_strdup("not found\n"));
 }
@@ -204,6 +311,7 @@ out:
 
 int pgr_http_start(const char *host, int port, char *errbuf, size_t errlen) {
   int fd = -1, rc;
+  const char *token = getenv("PGRUNNER_ADMIN_TOKEN");
 
   if (daemon_ != NULL) {
     snprintf(errbuf, errlen, "the metrics server is already running");
@@ -214,6 +322,8 @@ int pgr_http_start(const char *host, int port, char *errbuf, size_t errlen) {
   rc = open_listener(host, port, &fd, errbuf, errlen);
   if (rc != 0)
     return rc;
+  free(token_);
+  token_ = token && *token ? pgr_strdup(token) : NULL;
   /* The daemon takes the socket (and closes it at stop); its own thread
    * polls it. Writes to a vanished client use MSG_NOSIGNAL, so no SIGPIPE. */
   daemon_ = MHD_start_daemon(
@@ -235,6 +345,9 @@ void pgr_http_stop(void) {
   if (daemon_ != NULL)
     MHD_stop_daemon(daemon_);
   daemon_ = NULL;
+  free(token_);
+  token_ = NULL;
+  dashboard_ = standalone_ = 0;
   if (have_db_) {
     pgr_webdb_close();
     for (size_t i = 0; i < nqueues_; i++)

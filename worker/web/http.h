@@ -23,6 +23,11 @@ PGR_MUSTCHECK int pgr_http_start(const char *host, int port, char *errbuf,
  * process's counters only. Copies everything. */
 void pgr_http_set_database(const char *conninfo, const char *appname,
                            const char *const *queues, size_t nqueues);
+/* Before start: serve the dashboard too (/, /task/ID, POST
+ * /api/tasks/ID/retry|cancel with the PGRUNNER_ADMIN_TOKEN). standalone:
+ * no worker runs in this process (`pgrunner web`), so /healthz reports
+ * whether the database can be read. Needs pgr_http_set_database(). */
+void pgr_http_enable_dashboard(int standalone);
 /* Close the listener and every connection; harmless when not started. */
 void pgr_http_stop(void);
 
