@@ -1,7 +1,8 @@
 """The worker on a connection string with several hosts or addresses:
 libpq's multi-host form (host=a,b port=x,y), a service file and PGHOST/PGPORT
-lists, a host name whose first address has no server, and
-target_session_attrs=read-write in front of a hot standby.
+lists, a host name whose first address has no server,
+target_session_attrs=read-write in front of a hot standby, and a failover
+drill (a synchronous standby promoted while the primary stops under load).
 
 Every worker here runs under tests/support/no_loop_lookup.c, an LD_PRELOAD
 shim that aborts the process when the event-loop thread (the main thread)
@@ -182,3 +183,80 @@ def test_read_write_skips_a_standby(own_pg, standby_of, workers, shim):
     c.close()
     assert w.stop() == 0, w.output()
     d.close()
+
+
+# --- a failover drill ---------------------------------------------------------
+
+DRILL_JOBS = """
+CREATE TABLE pgrunner_jobs.done (k text PRIMARY KEY, app text NOT NULL);
+CREATE FUNCTION pgrunner_jobs.effect(p jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  -- The PRIMARY KEY makes a second committed run impossible to miss: it
+  -- would fail, and the count of rows is the count of effects.
+  INSERT INTO pgrunner_jobs.done (k, app)
+  VALUES (p->>'k', current_setting('application_name'));
+  PERFORM pg_sleep(0.002);
+END $$;
+"""
+
+
+def scalar_on(server, dbname, sql):
+    c = server.connect(dbname)
+    try:
+        with c.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()[0]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_failover_to_a_promoted_standby_runs_every_task_once(
+        own_pg, standby_of, workers, shim, mode):
+    primary = own_pg
+    d = new_db(primary)
+    d.query(DRILL_JOBS)
+    sb = standby_of(primary)
+    # Synchronous replication: a commit the worker saw is on the standby.
+    d.query("ALTER SYSTEM SET synchronous_standby_names = '*'")
+    d.query("SELECT pg_reload_conf()")
+    wait_until(lambda: d.scalar("SELECT sync_state FROM pg_stat_replication")
+               == "sync", timeout=60, what="the standby to be synchronous")
+    n = 2000
+    dsn = (f"host=127.0.0.1,localhost port={primary.port},{sb.port}"
+           f" user={primary.user} dbname={d.name}"
+           " target_session_attrs=read-write")
+    w = workers(d, "--poll-interval", "1000", dsn=dsn, env=guarded(shim))
+    d.query("INSERT INTO pgrunner.tasks (kind, payload)"
+            " SELECT 'effect', jsonb_build_object('k', g::text)"
+            " FROM generate_series(1, %s) g", (n,))
+    done = ("SELECT count(*) FROM pgrunner.tasks"
+            " WHERE state = 'succeeded'")
+    wait_until(lambda: d.scalar(done) >= 100 or not w.alive(), timeout=120,
+               what="some progress before the failover")
+    assert w.alive(), w.output()[-4000:]
+    before = d.scalar(done)
+    d.close()
+    # The failover: the primary goes away under load, the standby is
+    # promoted; the worker's next connection attempts skip the dead host.
+    primary.pg_ctl("stop", "-m", mode, "-w")
+    sb.pg_ctl("promote", "-w", "-t", "60")
+    assert before < n, f"the load finished first ({before}); nothing tested"
+    try:
+        wait_until(lambda: scalar_on(sb, d.name, done) == n or not w.alive(),
+                   timeout=300, interval=0.2,
+                   what=f"all {n} tasks to succeed on the new primary")
+    finally:
+        out = w.output()
+    assert w.alive(), out[-4000:]
+    assert "no_loop_lookup" not in out, out[-4000:]
+    assert scalar_on(sb, d.name, done) == n, out[-4000:]
+    assert scalar_on(sb, d.name, "SELECT count(*) FROM pgrunner_jobs.done") \
+        == n
+    assert scalar_on(sb, d.name,
+                     "SELECT count(*) FROM pgrunner.tasks t WHERE NOT EXISTS"
+                     " (SELECT 1 FROM pgrunner_jobs.done x"
+                     "  WHERE x.k = t.payload->>'k')") == 0
+    assert "database connection lost" in out, out[-4000:]
+    assert w.stop() == 0, w.output()[-4000:]
