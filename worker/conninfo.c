@@ -38,6 +38,15 @@ void pgr_conninfo_set(struct pgr_conninfo *ci, const char *kw,
   ci->values[ci->n] = NULL;
 }
 
+void pgr_conninfo_copy(struct pgr_conninfo *dst,
+                       const struct pgr_conninfo *src) {
+  memset(dst, 0, sizeof *dst);
+  dst->keywords = pgr_calloc(1, sizeof(char *));
+  dst->values = pgr_calloc(1, sizeof(char *));
+  for (size_t i = 0; i < src->n; i++)
+    pgr_conninfo_set(dst, src->keywords[i], src->values[i]);
+}
+
 const char *pgr_conninfo_get(const struct pgr_conninfo *ci, const char *kw) {
   for (size_t i = 0; i < ci->n; i++)
     if (strcmp(ci->keywords[i], kw) == 0)

@@ -38,6 +38,10 @@ const char *pgr_conninfo_get(const struct pgr_conninfo *ci, const char *kw);
 void pgr_conninfo_set(struct pgr_conninfo *ci, const char *kw,
                       const char *value);
 
+/* Copy `src` into `dst` (which the caller frees with pgr_conninfo_free). */
+void pgr_conninfo_copy(struct pgr_conninfo *dst,
+                       const struct pgr_conninfo *src);
+
 /*
  * Return a copy of `msg` in which the password of `conninfo` (and of
  * PGPASSWORD) is replaced by "***", and in which any "password=..." or

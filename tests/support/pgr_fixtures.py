@@ -233,14 +233,17 @@ def mdb(db):
 
 
 class Worker:
-    """A running `pgrunner work` process."""
+    """A running `pgrunner work` process. `dsn` replaces the database's own
+    connection string; `wrap` is a command line that runs the worker (it
+    must exec it, so that signals reach the worker)."""
 
-    def __init__(self, db, args, env, log_path):
+    def __init__(self, db, args, env, log_path, dsn=None, wrap=()):
         e = pgrunner_env(env)
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [pgrunner_bin(), "work", "--db", db.dsn] + list(args),
+            list(wrap) + [pgrunner_bin(), "work", "--db", dsn or db.dsn]
+            + list(args),
             env=e, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
@@ -272,12 +275,13 @@ class Worker:
 
 @pytest.fixture
 def workers(tmp_path):
-    """Factory: workers(db, *args, env={}) starts a worker; all are killed
-    at the end of the test."""
+    """Factory: workers(db, *args, env={}, dsn=None, wrap=()) starts a
+    worker (see Worker); all are killed at the end of the test."""
     started = []
 
-    def start(db, *args, env=None):
-        w = Worker(db, args, env, tmp_path / f"worker{len(started)}.out")
+    def start(db, *args, env=None, dsn=None, wrap=()):
+        w = Worker(db, args, env, tmp_path / f"worker{len(started)}.out",
+                   dsn=dsn, wrap=wrap)
         started.append(w)
         return w
 

@@ -25,7 +25,4 @@ struct pg_conn;
 PGR_MUSTCHECK int pgr_migrate_conn(struct pg_conn *conn, int *applied,
                                    char *errbuf, size_t errlen);
 
-/* The newest migration version this binary carries. */
-int pgr_migrate_latest(void);
-
 #endif /* PGR_CLI_H */

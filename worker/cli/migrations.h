@@ -18,4 +18,8 @@ struct pgr_migration {
 extern const struct pgr_migration pgr_migrations[];
 extern const size_t pgr_nmigrations;
 
+/* The newest migration version this binary carries (no I/O: the loop's
+   schema check uses it too). */
+int pgr_migrate_latest(void);
+
 #endif /* PGR_MIGRATIONS_H */

@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cli/cli.h"
+#include "cli/migrations.h"
 #include "log.h"
 #include "loop/internal.h"
 #include "metrics.h"

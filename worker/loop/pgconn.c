@@ -4,19 +4,19 @@
  * Thread: LOOP THREAD ONLY; nothing here may block.
  *
  * One state enum, one place per transition:
- *   DOWN -> RESOLVING (host name) -> CONNECTING -> READY -> DOWN ...
+ *   DOWN -> RESOLVING (all hosts, off the loop) -> CONNECTING -> READY
+ *   -> DOWN ...
  * and CLOSING from anywhere. A drop fails the queued commands (callbacks
  * get NULL), tells the owner (on_down) and arms the backoff timer.
  */
 #include "loop/pgconn.h"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netdb.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "conntargets.h"
 #include "log.h"
 
 enum cmd_kind {
@@ -140,7 +140,17 @@ static void schedule_retry(struct pgr_pgconn *c) {
 }
 
 static void connect_failed(struct pgr_pgconn *c, const char *why) {
+  char *joined = NULL;
+  if (c->conn && c->skipped) {
+    /* libpq tried the hosts that resolved; say which ones did not. */
+    char *w = pgr_strdup(why);
+    pgr_trim_end(w);
+    joined = pgr_asprintf("%s; %s", w, c->skipped);
+    free(w);
+    why = joined;
+  }
   char *safe = pgr_redact(c->conninfo, why);
+  free(joined);
   size_t l = strlen(safe);
   while (l && (safe[l - 1] == '\n' || safe[l - 1] == ' '))
     safe[--l] = '\0';
@@ -156,8 +166,8 @@ static void connect_failed(struct pgr_pgconn *c, const char *why) {
   schedule_retry(c);
 }
 
-static void start_connect(struct pgr_pgconn *c) {
-  c->conn = PQconnectStartParams(c->ci.keywords, c->ci.values, 0);
+static void start_connect(struct pgr_pgconn *c, const struct pgr_conninfo *ci) {
+  c->conn = PQconnectStartParams(ci->keywords, ci->values, 0);
   if (c->conn == NULL) {
     connect_failed(c, "out of memory");
     return;
@@ -174,62 +184,76 @@ static void start_connect(struct pgr_pgconn *c) {
     connect_failed(c, "cannot watch the connection's socket");
 }
 
-static void on_resolved(uv_getaddrinfo_t *req, int status,
-                        struct addrinfo *res) {
-  struct pgr_pgconn *c = req->data;
-  char addr[INET6_ADDRSTRLEN] = "";
+/*
+ * One connection attempt's lookup, on libuv's thread pool: every host of
+ * the conninfo (after libpq's own service-file and environment expansion)
+ * resolved, so that libpq, given one host/hostaddr/port entry per address,
+ * walks them in its own order and never resolves a name on this thread.
+ * The pool thread reads only `ci`, a copy it owns until after_resolve.
+ */
+struct pgr_pgresolve {
+  uv_work_t req;
+  struct pgr_pgconn *owner;
+  struct pgr_conninfo ci;
+  struct pgr_conn_targets targets;
+  int rc;
+  char err[512];
+};
 
-  c->gai_active = 0;
+static void resolve_work(uv_work_t *req) {
+  struct pgr_pgresolve *r = req->data;
+  r->rc = pgr_conn_targets_find(&r->ci, &r->targets, r->err, sizeof r->err);
+}
+
+static void resolve_free(struct pgr_pgresolve *r) {
+  pgr_conninfo_free(&r->ci);
+  pgr_conn_targets_free(&r->targets);
+  free(r);
+}
+
+static void after_resolve(uv_work_t *req, int status) {
+  struct pgr_pgresolve *r = req->data;
+  struct pgr_pgconn *c = r->owner;
+
+  c->resolving = NULL;
   if (c->state == PGR_PGC_CLOSING) {
-    uv_freeaddrinfo(res);
+    resolve_free(r);
     if (--c->pending_closes == 0 && c->close_cb)
       c->close_cb(c);
     return;
   }
-  if (status != 0 || res == NULL) {
-    char m[256];
-    snprintf(m, sizeof m, "could not resolve host \"%s\": %s", c->host,
-             uv_strerror(status));
-    uv_freeaddrinfo(res);
-    connect_failed(c, m);
+  if (status != 0 || r->rc != 0) {
+    connect_failed(c, status != 0 ? uv_strerror(status) : r->err);
+    resolve_free(r);
     return;
   }
-  uv_ip_name(res->ai_addr, addr, sizeof addr);
-  uv_freeaddrinfo(res);
-  /* Keep host (for TLS verification and messages) and add hostaddr, so
-     libpq does no lookup of its own. */
-  pgr_conninfo_set(&c->ci, "hostaddr", addr);
-  start_connect(c);
+  free(c->skipped);
+  c->skipped = r->targets.skipped ? pgr_strdup(r->targets.skipped) : NULL;
+  pgr_conninfo_set(&r->ci, "host", r->targets.host);
+  pgr_conninfo_set(&r->ci, "hostaddr", r->targets.hostaddr);
+  pgr_conninfo_set(&r->ci, "port", r->targets.port);
+  start_connect(c, &r->ci);
+  resolve_free(r);
 }
 
 static void begin(struct pgr_pgconn *c) {
-  if (c->resolve) {
-    struct addrinfo hints;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    c->state = PGR_PGC_RESOLVING;
-    c->gai.data = c;
-    if (uv_getaddrinfo(c->loop, &c->gai, on_resolved, c->host, NULL, &hints) !=
-        0) {
-      connect_failed(c, "cannot start the host name lookup");
-      return;
-    }
-    c->gai_active = 1;
+  struct pgr_pgresolve *r = pgr_calloc(1, sizeof *r);
+  r->owner = c;
+  r->req.data = r;
+  pgr_conninfo_copy(&r->ci, &c->ci);
+  c->state = PGR_PGC_RESOLVING;
+  if (uv_queue_work(c->loop, &r->req, resolve_work, after_resolve) != 0) {
+    resolve_free(r);
+    connect_failed(c, "cannot start the host name lookup");
     return;
   }
-  start_connect(c);
+  c->resolving = r;
 }
 
 static void on_retry_timer(uv_timer_t *t) {
   struct pgr_pgconn *c = pgr_container_of(t, struct pgr_pgconn, timer);
   if (c->state == PGR_PGC_DOWN)
     begin(c);
-}
-
-static int is_numeric_host(const char *h) {
-  unsigned char buf[sizeof(struct in6_addr)];
-  return inet_pton(AF_INET, h, buf) == 1 || inet_pton(AF_INET6, h, buf) == 1;
 }
 
 int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c, const char *conninfo,
@@ -243,18 +267,6 @@ int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c, const char *conninfo,
     free(c->conninfo);
     c->conninfo = NULL;
     return rc;
-  }
-  /* The host may come from the string or from PGHOST. */
-  const char *host = pgr_conninfo_get(&c->ci, "host");
-  if (host == NULL)
-    host = getenv("PGHOST");
-  const char *hostaddr = pgr_conninfo_get(&c->ci, "hostaddr");
-  if (hostaddr == NULL)
-    hostaddr = getenv("PGHOSTADDR");
-  if (host && *host && host[0] != '/' && host[0] != '@' && !hostaddr &&
-      strchr(host, ',') == NULL && !is_numeric_host(host)) {
-    c->resolve = 1;
-    c->host = pgr_strdup(host);
   }
   c->backoff_ms = 100;
   c->seed = pgr_now_us() | 1;
@@ -511,9 +523,10 @@ void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb) {
   uv_timer_stop(&c->timer);
   c->pending_closes++;
   uv_close((uv_handle_t *)&c->timer, on_timer_closed);
-  if (c->gai_active) {
+  if (c->resolving) {
+    /* Cancelled if it has not started; after_resolve frees it either way. */
     c->pending_closes++;
-    uv_cancel((uv_req_t *)&c->gai);
+    uv_cancel((uv_req_t *)&c->resolving->req);
   }
   unwatch(c);
   fail_commands(c);
@@ -524,8 +537,8 @@ void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb) {
   pgr_conninfo_free(&c->ci);
   free(c->conninfo);
   c->conninfo = NULL;
-  free(c->host);
-  c->host = NULL;
+  free(c->skipped);
+  c->skipped = NULL;
   if (--c->pending_closes == 0 && c->close_cb)
     c->close_cb(c);
 }

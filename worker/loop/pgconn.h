@@ -2,8 +2,10 @@
  * pgconn.h - one nonblocking PGconn driven by the libuv loop.
  *
  * Thread: LOOP THREAD ONLY. Nothing here blocks: the connection is opened
- * with PQconnectStartParams/PQconnectPoll, host names are resolved with
- * uv_getaddrinfo (libpq's own lookup would block), and queries go out with
+ * with PQconnectStartParams/PQconnectPoll; every host of the conninfo is
+ * resolved first on libuv's thread pool (conntargets.h) and handed to
+ * libpq as one host/hostaddr/port entry per address, so libpq's own lookup,
+ * which would block, never runs here; queries go out with
  * PQsendQueryParams and come back through PQconsumeInput/PQisBusy.
  *
  * Commands are queued and sent one at a time; each one's callback gets its
@@ -38,27 +40,26 @@ typedef void (*pgr_pgconn_notify_cb)(struct pgr_pgconn *c, const char *channel,
 
 enum pgr_pgconn_state {
   PGR_PGC_DOWN = 0,  /* waiting to (re)connect */
-  PGR_PGC_RESOLVING, /* uv_getaddrinfo in flight */
+  PGR_PGC_RESOLVING, /* hosts being resolved on the thread pool */
   PGR_PGC_CONNECTING,
   PGR_PGC_READY,
   PGR_PGC_CLOSING,
 };
 
-struct pgr_pgpoll; /* a uv_poll_t on the current socket; freed on close */
+struct pgr_pgpoll;    /* a uv_poll_t on the current socket; freed on close */
+struct pgr_pgresolve; /* a lookup on the thread pool; freed when it ends */
 
 struct pgr_pgconn {
   uv_loop_t *loop;
   char *conninfo; /* for redaction */
   struct pgr_conninfo ci;
-  int resolve;    /* the host needs a lookup */
-  char *host;
   PGconn *conn;
   enum pgr_pgconn_state state;
   struct pgr_pgpoll *poll;
   int events;
   uv_timer_t timer;
-  uv_getaddrinfo_t gai;
-  int gai_active;
+  struct pgr_pgresolve *resolving; /* the lookup in flight, or NULL */
+  char *skipped; /* hosts the last lookup could not resolve, or NULL */
   uint64_t backoff_ms;
   uint64_t seed;
   struct pgr_pgcmd *head, *tail;
