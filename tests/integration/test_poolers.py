@@ -9,7 +9,8 @@ listening connection makes `work` exit 1 at start, naming it.
 
 import pytest
 
-from pgr_fixtures import add_task as add, run_pgrunner, wait_until
+from pgr_fixtures import (add_task as add, plugin_path, run_pgrunner,
+                          wait_until)
 
 
 def sql_job(db, name, body):
@@ -71,6 +72,7 @@ def test_worker_threads_through_a_transaction_pool(pg, mdb, workers,
     # take turns on the same server connections.
     bouncer = pgbouncer(pg, pool_mode="transaction", pool_size=2)
     mdb.query("CREATE TABLE effects (n int)")
+    mdb.query("CREATE TABLE plugin_out (v text, task bigint)")
     sql_job(mdb, "write_row",
             "INSERT INTO public.effects VALUES ((payload->>'n')::int);")
     sql_job(mdb, "sleepy", "PERFORM pg_sleep(60);")
@@ -78,15 +80,20 @@ def test_worker_threads_through_a_transaction_pool(pg, mdb, workers,
     for i in range(100):
         ids.append(add(mdb, "write_row", payload={"n": i}))
         ids.append(add(mdb, "noop"))
+        # A C handler: its statements run between the attempt's two
+        # pipelines, in the same transaction.
+        ids.append(add(mdb, "c_insert", payload={"v": str(i)}))
     # Its own time limit, which must hold in its own transaction.
     slow = add(mdb, "sleepy", max_attempts=1)
     mdb.query("UPDATE pgrunner.tasks SET timeout_seconds = 1 WHERE id = %s",
               (slow,))
 
     w = workers(mdb, "--db", bouncer.dsn(mdb.name), "--listen-db", mdb.dsn,
-                "--concurrency", "6")
+                "--concurrency", "6", "--plugin", plugin_path())
     wait_all(mdb, ids, timeout=180)
     assert effects(mdb) == {i: 1 for i in range(100)}
+    assert sorted(mdb.query("SELECT v::int FROM plugin_out")) == \
+        [(i,) for i in range(100)]
     assert mdb.scalar("SELECT max(attempts) FROM pgrunner.tasks"
                       " WHERE id = ANY(%s)", (ids,)) == 1
     wait_all(mdb, [slow], "failed", timeout=60)
