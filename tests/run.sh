@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
-  python3-aiosmtpd python3-websocket chromium openssl"
+  python3-aiosmtpd python3-websocket chromium openssl pgbouncer"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -58,6 +58,6 @@ echo "== ASan+UBSan build: unit and integration tests"
 if [ $quick = 0 ]; then
   echo "== TSan build: worker integration tests"
   (cd build-tsan && ctest --output-on-failure -j"$jobs" \
-     -R 'integration\.(test_worker|test_faults|test_logging|test_http|test_multihost)$') || status=1
+     -R 'integration\.(test_worker|test_faults|test_logging|test_http|test_multihost|test_poolers)$') || status=1
 fi
 exit $status

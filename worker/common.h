@@ -90,7 +90,7 @@ void pgr_buf_addc(struct pgr_buf *b, char c);
 void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
 /*
  * Sent on the connections that run only pgrunner's own statements (the
- * loop's two, `status`): each of those statements was written to read a
+ * loop's two; `status`, `cancel` and `retry` use the LOCAL form below): each of those statements was written to read a
  * bounded index range, and this keeps stale statistics (a bulk insert
  * nobody analyzed) or a cached generic plan from swapping that for a read
  * of the whole table. tests/integration/test_plans.py checks the plans.
@@ -100,6 +100,13 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
 #define PGR_PLANNER_SETTINGS                                                   \
   "SET enable_seqscan = off; SET enable_bitmapscan = off; "                    \
   "SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off"
+/* The same for one transaction, on connections that may go through a
+   transaction pooler (the commands' --db), where a session setting would
+   stay behind on a server connection that other clients use next. */
+#define PGR_PLANNER_SETTINGS_LOCAL                                             \
+  "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; "        \
+  "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; "        \
+  "SET LOCAL jit = off"
 
 /* One element of a PostgreSQL array literal: double-quoted, escaped. */
 void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);

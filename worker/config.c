@@ -7,8 +7,10 @@
  * A variable whose option is given as a flag is ignored, not validated, and
  * --help reads no variable at all.
  * The database: --db, then DATABASE_URL, then PGRUNNER_DB, then libpq's own
- * PG* variables (left to libpq). Every rejected value produces one line that
- * names the option and the value's problem; main prints it and exits 2.
+ * PG* variables (left to libpq). `work`'s loop connections use --listen-db
+ * (PGRUNNER_LISTEN_DB) when given, else the same. Every rejected value
+ * produces one line that names the option and the value's problem; main
+ * prints it and exits 2.
  */
 #include "config.h"
 
@@ -23,6 +25,8 @@
 #include <sys/stat.h>
 
 #include <jansson.h>
+
+#include "conninfo.h"
 
 enum {
   OPT_DB = 1000,
@@ -39,6 +43,7 @@ enum {
   OPT_JOBS_SCHEMA,
   OPT_RETENTION,
   OPT_TASK_TIMEOUT,
+  OPT_LISTEN_DB,
   OPT_QUEUE,
   OPT_RUN_AT,
   OPT_DELAY,
@@ -74,6 +79,7 @@ static const struct option work_opts[] = {
     {"jobs-schema", required_argument, NULL, OPT_JOBS_SCHEMA},
     {"retention", required_argument, NULL, OPT_RETENTION},
     {"task-timeout", required_argument, NULL, OPT_TASK_TIMEOUT},
+    {"listen-db", required_argument, NULL, OPT_LISTEN_DB},
     {0, 0, 0, 0},
 };
 
@@ -145,6 +151,9 @@ static const char usage_work[] =
     "  --retention DURATION     keep succeeded tasks this long (7d)\n"
     "  --task-timeout S         default per-task time limit (300)\n"
     "  --db CONNINFO            database (else DATABASE_URL, PG* variables)\n"
+    "  --listen-db CONNINFO     the loop's LISTEN/claim and maintenance\n"
+    "                           connections, which need a session (not a\n"
+    "                           transaction pooler); default: --db\n"
     "\n"
     "SMTP for email tasks: PGRUNNER_SMTP_HOST, PGRUNNER_SMTP_PORT (25),\n"
     "PGRUNNER_SMTP_USER, PGRUNNER_SMTP_PASSWORD, PGRUNNER_SMTP_STARTTLS\n"
@@ -461,6 +470,19 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
       return usage_error(errbuf, errlen, "%s: empty connection string", src);
     set_str(&cfg->db, val);
     return 0;
+  case OPT_LISTEN_DB: {
+    /* Checked here, naming where it came from; --db's own check happens
+       when it is first used. The parser's message is password-free. */
+    struct pgr_conninfo ci;
+    char why[512];
+    if (*val == '\0')
+      return usage_error(errbuf, errlen, "%s: empty connection string", src);
+    if (pgr_conninfo_parse(val, NULL, &ci, why, sizeof why) != 0)
+      return usage_error(errbuf, errlen, "%s: %s", src, why);
+    pgr_conninfo_free(&ci);
+    set_str(&cfg->listen_db, val);
+    return 0;
+  }
   case OPT_LOG_DIR: {
     struct stat st;
     if (stat(val, &st) != 0 || !S_ISDIR(st.st_mode))
@@ -611,6 +633,7 @@ static const struct env_opt work_env[] = {
     {"PGRUNNER_JOBS_SCHEMA", OPT_JOBS_SCHEMA},
     {"PGRUNNER_RETENTION", OPT_RETENTION},
     {"PGRUNNER_TASK_TIMEOUT", OPT_TASK_TIMEOUT},
+    {"PGRUNNER_LISTEN_DB", OPT_LISTEN_DB},
 };
 
 static const struct env_opt web_env[] = {
@@ -958,8 +981,13 @@ out:
   return rc;
 }
 
+const char *pgr_config_listen_db(const struct pgr_config *cfg) {
+  return cfg->listen_db ? cfg->listen_db : cfg->db;
+}
+
 void pgr_config_free(struct pgr_config *cfg) {
   free(cfg->db);
+  free(cfg->listen_db);
   free_queues(cfg->queues, cfg->nqueues);
   free(cfg->metrics_host);
   for (size_t i = 0; i < cfg->nplugins; i++)

@@ -55,6 +55,9 @@ struct pgr_smtp_config {
 struct pgr_config {
   enum pgr_command command;
   char *db; /* --db or DATABASE_URL; NULL: libpq's own defaults */
+  /* --listen-db: the loop's connections, which need a session (LISTEN, the
+     prepared claim, session settings); NULL: the same as db. */
+  char *listen_db;
 
   /* work */
   struct pgr_queue_cfg *queues;
@@ -103,6 +106,9 @@ struct pgr_config {
 PGR_MUSTCHECK int pgr_config_parse(struct pgr_config *cfg, int argc,
                                    char **argv, char *errbuf, size_t errlen);
 void pgr_config_free(struct pgr_config *cfg);
+
+/* The conninfo of the loop's connections: --listen-db, else --db. */
+const char *pgr_config_listen_db(const struct pgr_config *cfg);
 
 /* The help text of a command (PGR_CMD_NONE: the overview). */
 const char *pgr_config_usage(enum pgr_command cmd);

@@ -1,24 +1,9 @@
 """C handler plugins (SPEC section 4): --plugin PATH registers kinds whose
 handlers run inside the task's transaction."""
 
-import glob
-import os
-
 import pytest
 
-from pgr_fixtures import pgrunner_bin, run_pgrunner, wait_until
-
-
-def plugin_path():
-    p = os.environ.get("PGR_EXAMPLE_PLUGIN")
-    if p:
-        return p
-    # The plugin of the same build as the binary (a sanitizer build's plugin
-    # does not load into a plain binary).
-    found = glob.glob(os.path.join(os.path.dirname(pgrunner_bin()), "tests",
-                                   "example_plugin.so"))
-    assert found, "build the project first (example_plugin.so)"
-    return found[0]
+from pgr_fixtures import plugin_path, run_pgrunner, wait_until
 
 
 def state(db, tid):

@@ -38,6 +38,18 @@ def pgrunner_bin():
     raise RuntimeError("set PGRUNNER_BIN or build the project first")
 
 
+def plugin_path():
+    """tests/plugins/example_plugin.so of the same build as the binary (a
+    sanitizer build's plugin does not load into a plain binary)."""
+    p = os.environ.get("PGR_EXAMPLE_PLUGIN")
+    if p:
+        return p
+    p = os.path.join(os.path.dirname(pgrunner_bin()), "tests",
+                     "example_plugin.so")
+    assert os.path.exists(p), "build the project first (example_plugin.so)"
+    return p
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

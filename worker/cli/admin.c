@@ -207,11 +207,12 @@ int pgr_cmd_status(const struct pgr_config *cfg) {
   if ((rc = pgr_db_connect(cfg->db, "pgrunner status", &conn, err,
                            sizeof err)) != 0)
     goto out;
-  if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS, err, sizeof err)) != 0)
-    goto out;
   /* One snapshot for the three queries. */
   if ((rc = pgr_db_command(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ "
                            "ONLY", err, sizeof err)) != 0)
+    goto out;
+  if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS_LOCAL, err,
+                           sizeof err)) != 0)
     goto out;
   rc = PGR_EDB;
   if ((counts = pgr_db_exec(conn, counts_sql, 0, NULL, err, sizeof err,
@@ -255,7 +256,9 @@ static int task_call(const struct pgr_config *cfg, const char *what,
   snprintf(appname, sizeof appname, "pgrunner %s", what);
   if ((rc = pgr_db_connect(cfg->db, appname, &conn, err, sizeof err)) != 0)
     goto out;
-  if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS, err, sizeof err)) != 0)
+  if ((rc = pgr_db_command(conn, "BEGIN", err, sizeof err)) != 0 ||
+      (rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS_LOCAL, err,
+                           sizeof err)) != 0)
     goto out;
   res = pgr_db_exec(conn, sql, 1, params, err, sizeof err, sqlstate);
   if (res == NULL) {
@@ -266,6 +269,8 @@ static int task_call(const struct pgr_config *cfg, const char *what,
     }
     goto out;
   }
+  if ((rc = pgr_db_command(conn, "COMMIT", err, sizeof err)) != 0)
+    goto out;
   if (strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
     printf("%s\n", done_msg);
     pgr_info(done_msg, PGR_LI("task", cfg->task_id));

@@ -20,6 +20,16 @@
  * reconnecting we read the row; if our attempt committed it says succeeded,
  * and otherwise the attempt is recorded as failed, so a task is neither lost
  * nor completed twice.
+ *
+ * Nothing outlives a transaction on these connections, so they work
+ * through a transaction pooler (PgBouncer pool_mode=transaction): every
+ * statement is unnamed (PQsendQueryParams; a named prepared statement would
+ * live on one server connection of the pool), and the time limit and the
+ * dead-client check are set with set_config(..., true) inside each
+ * attempt's transaction rather than once per session. The backend running
+ * an attempt is whichever the pooler lent it, so its pid (for the loop's
+ * pg_cancel_backend) is read in the attempt's first statement, not at
+ * connect (behind a pooler PQbackendPID() is not a server pid at all).
  */
 #include <poll.h>
 #include <stdio.h>
@@ -53,6 +63,15 @@ static const char noop_sql[] =
 static const char finish_sql[] =
     "SELECT new_state, run_at_ms FROM pgrunner.finish_attempt($1::bigint,"
     " $2::int, $3::bigint, $4, $5)";
+/* The attempt's settings, first in its transaction (see the top). The
+   server notices a client that died in the middle of a long query within a
+   second with client_connection_check_interval, which servers before 14 do
+   not have. */
+static const char settings_sql[] =
+    "SELECT pg_backend_pid(), set_config('statement_timeout', $1, true)";
+static const char settings14_sql[] =
+    "SELECT pg_backend_pid(), set_config('statement_timeout', $1, true),"
+    " set_config('client_connection_check_interval', '1000', true)";
 static const char check_sql[] =
     "SELECT state, attempts, worker_id FROM pgrunner.tasks WHERE id = $1";
 
@@ -125,7 +144,6 @@ int pgr_txn_connect(struct pgr_slot *s) {
     s->conn = NULL;
     uv_mutex_lock(&p->mu);
     p->connected--;
-    s->backend_pid = 0;
     uv_mutex_unlock(&p->mu);
   }
   for (;;) {
@@ -144,41 +162,27 @@ int pgr_txn_connect(struct pgr_slot *s) {
     backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
   }
 
-  /* The default time limit applies to every statement of a task; a task
-     with its own limit overrides it with SET LOCAL. The server notices a
-     client that died in the middle of a long query within a second (PG 14+;
-     older servers reject the setting, which we then do without). */
-  char set[128];
-  snprintf(set, sizeof set, "SET statement_timeout = %lld",
-           (long long)p->cfg->task_timeout_s * 1000);
-  if (pgr_db_command(conn, set, err, sizeof err) != 0)
-    pgr_warn("cannot set statement_timeout", PGR_LS("error", err));
-  (void)pgr_db_command(conn, "SET client_connection_check_interval = 1000", err,
-                       sizeof err);
-
-  static const struct {
-    const char *name, *sql;
-  } prep[] = {
-      {"pgr_lock", lock_sql},   {"pgr_complete", complete_sql},
-      {"pgr_noop", noop_sql},   {"pgr_finish", finish_sql},
-  };
-  for (size_t i = 0; i < PGR_ARRAY_LEN(prep); i++) {
-    PGresult *res = PQprepare(conn, prep[i].name, prep[i].sql, 0, NULL);
-    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-      pgr_db_describe_error(res, conn, err, sizeof err);
-      pgr_error("cannot prepare worker statements", PGR_LS("error", err));
-    }
-    PQclear(res);
-  }
-
   uv_mutex_lock(&p->mu);
   s->conn = conn;
-  s->backend_pid = PQbackendPID(conn);
   p->connected++;
   uv_mutex_unlock(&p->mu);
-  pgr_debug("worker connected", PGR_LI("thread", s->index),
-            PGR_LI("backend_pid", s->backend_pid));
+  pgr_debug("worker connected", PGR_LI("thread", s->index));
   return 0;
+}
+
+/* The backend running the slot's attempt, or 0 between attempts. */
+static void set_backend_pid(struct pgr_slot *s, int pid) {
+  uv_mutex_lock(&s->pool->mu);
+  s->backend_pid = pid;
+  uv_mutex_unlock(&s->pool->mu);
+}
+
+/* Queue the attempt's settings statement (settings_sql) in the pipeline.
+   `tmo` is the time limit in ms, as text. */
+static int send_settings(PGconn *conn, const char *const tmo[1]) {
+  const char *sql =
+      PQserverVersion(conn) >= 140000 ? settings14_sql : settings_sql;
+  return PQsendQueryParams(conn, sql, 1, NULL, tmo, NULL, NULL, 0);
 }
 
 /* Run one simple command outside a pipeline; errors go to a->msg. */
@@ -205,15 +209,24 @@ static void attempt_ids(struct attempt_ids *t, const struct pgr_claim *c) {
  * Collect the results of a pipeline of `n` commands plus its sync.
  * Returns the index of the first failed command (its message in a->msg,
  * its SQLSTATE in state), n if all succeeded, or -1 if the connection broke.
+ * The result of command `settings` (send_settings) publishes the backend's
+ * pid; the boolean of command `value`, if >= 0, goes to *truth.
  */
-static int pipeline_results(PGconn *conn, int n, struct attempt *a,
-                            char state[6]) {
+static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
+                            int *truth, struct attempt *a, char state[6]) {
+  PGconn *conn = s->conn;
   int failed = n;
   state[0] = '\0';
   for (int i = 0; i < n; i++) {
     PGresult *res;
     while ((res = PQgetResult(conn)) != NULL) {
       ExecStatusType st = PQresultStatus(res);
+      if (st == PGRES_TUPLES_OK && PQntuples(res) == 1) {
+        if (i == settings)
+          set_backend_pid(s, atoi(PQgetvalue(res, 0, 0)));
+        if (i == value)
+          *truth = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+      }
       if (st == PGRES_FATAL_ERROR && failed == n) {
         const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         failed = i;
@@ -249,7 +262,7 @@ static void pipeline_broken(PGconn *conn, struct attempt *a) {
 
 /* What one pipeline of an attempt carries (run_pipeline). */
 enum {
-  PIPE_OPEN = 1,  /* BEGIN, the optional time limit, the lock */
+  PIPE_OPEN = 1,  /* BEGIN, the settings, the lock */
   PIPE_CLOSE = 2, /* the success mark and COMMIT */
 };
 
@@ -266,9 +279,8 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   const char *attempt_params[3] = {t.id, t.att, t.wid};
   const char *tmo_params[1] = {tmo};
   const char *call_params[1] = {c->payload};
-  int n = 0, step_lock = -1, step_call = -1, step_complete = -1,
-      step_commit = -1;
-  int override = c->timeout_s != s->pool->cfg->task_timeout_s;
+  int n = 0, step_settings = -1, step_lock = -1, step_call = -1,
+      step_complete = -1, step_commit = -1;
 
   attempt_ids(&t, c);
   snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
@@ -279,15 +291,13 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     if (!PQsendQueryParams(conn, "BEGIN", 0, NULL, NULL, NULL, NULL, 0))
       goto broken;
     n++;
-    if (override) {
-      if (!PQsendQueryParams(conn,
-                             "SELECT set_config('statement_timeout', $1, true)",
-                             1, NULL, tmo_params, NULL, NULL, 0))
-        goto broken;
-      n++;
-    }
-    if (!PQsendQueryPrepared(conn, "pgr_lock", 3, attempt_params, NULL, NULL,
-                             0))
+    /* The flush sends the pid back now, not after the task's work, so the
+       loop can interrupt a SQL task while it runs. */
+    if (!send_settings(conn, tmo_params) || !PQsendFlushRequest(conn))
+      goto broken;
+    step_settings = n++;
+    if (!PQsendQueryParams(conn, lock_sql, 3, NULL, attempt_params, NULL, NULL,
+                           0))
       goto broken;
     step_lock = n++;
   }
@@ -297,8 +307,8 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     step_call = n++;
   }
   if (parts & PIPE_CLOSE) {
-    if (!PQsendQueryPrepared(conn, "pgr_complete", 3, attempt_params, NULL,
-                             NULL, 0))
+    if (!PQsendQueryParams(conn, complete_sql, 3, NULL, attempt_params, NULL,
+                           NULL, 0))
       goto broken;
     step_complete = n++;
     if (!PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0))
@@ -307,7 +317,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   }
   if (!PQpipelineSync(conn))
     goto broken;
-  int failed = pipeline_results(conn, n, a, state);
+  int failed = pipeline_results(s, n, step_settings, -1, NULL, a, state);
   if (failed < 0)
     goto broken;
   PQexitPipelineMode(conn);
@@ -355,24 +365,37 @@ broken:
   pipeline_broken(conn, a);
 }
 
+/* The noop's attempt: the settings and the mark, one pipeline without a
+   transaction block. What a pipeline sends before its sync is one implicit
+   transaction, so the time limit applies to the mark, and a transaction
+   pooler keeps the server connection for both. */
 static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
                      struct attempt *a) {
+  PGconn *conn = s->conn;
   struct attempt_ids t;
+  char tmo[32], state[6];
   const char *params[3] = {t.id, t.att, t.wid};
-  attempt_ids(&t, c);
+  const char *tmo_params[1] = {tmo};
+  int marked = 0;
 
-  PGresult *res = PQexecPrepared(s->conn, "pgr_noop", 3, params, NULL, NULL, 0);
-  if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
-    /* false: not ours any more, or cancelled; finish_attempt() tells
-       which (it records nothing for an attempt that is not ours). */
-    a->r = strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? A_OK : A_CANCELLED;
-  } else if (PQstatus(s->conn) == CONNECTION_BAD) {
-    a->r = A_CONNLOST;
-  } else {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    set_msg(a, A_RETRY, m ? m : PQerrorMessage(s->conn));
-  }
-  PQclear(res);
+  attempt_ids(&t, c);
+  snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
+  if (PQenterPipelineMode(conn) != 1 || !send_settings(conn, tmo_params) ||
+      !PQsendQueryParams(conn, noop_sql, 3, NULL, params, NULL, NULL, 0) ||
+      !PQpipelineSync(conn))
+    goto broken;
+  int failed = pipeline_results(s, 2, 0, 1, &marked, a, state);
+  if (failed < 0)
+    goto broken;
+  PQexitPipelineMode(conn);
+  /* false: not ours any more, or cancelled; finish_attempt() tells which
+     (it records nothing for an attempt that is not ours). A failure is in
+     a->msg already, as A_RETRY. */
+  if (failed == 2)
+    a->r = marked ? A_OK : A_CANCELLED;
+  return;
+broken:
+  pipeline_broken(conn, a);
 }
 
 /* pgr_job callbacks for C handlers. */
@@ -446,7 +469,6 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
   for (;;) {
     if (pgr_txn_connect(s) != 0)
       return A_LOST; /* stopping: recovery will see to the task */
-    /* Unnamed, so planned for the table as it is now; a rare path. */
     PGresult *res =
         PQexecParams(s->conn, check_sql, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
@@ -477,7 +499,7 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
   int fallback = 0;
   for (;;) {
     PGresult *res =
-        PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL, NULL, 0);
+        PQexecParams(s->conn, finish_sql, 5, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 0) {
         c->done = PGR_DONE_LOST;
@@ -665,6 +687,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
       c->done != PGR_DONE_REQUEUED)
     c->error = pgr_strdup(msg);
 out:
+  set_backend_pid(s, 0);
   c->finished_us = pgr_now_us();
   log_end(c);
   free(call_sql);

@@ -27,6 +27,17 @@ struct pgr_cursor {
   int64_t id;
 };
 
+/* session.c's check of --listen-db, in order. */
+enum pgr_probe {
+  PGR_PROBE_NONE = 0, /* not started (or restarting after a reconnect) */
+  PGR_PROBE_STARTING, /* LISTEN and the pid asked on pg */
+  PGR_PROBE_LISTENING, /* waiting for maint to send the notification */
+  PGR_PROBE_NOTIFYING, /* the notification sent from maint */
+  PGR_PROBE_CHECKING, /* the pid asked again on pg */
+  PGR_PROBE_PASSED,
+  PGR_PROBE_FAILED,
+};
+
 struct pgr_loop {
   const struct pgr_config *cfg;
   uv_loop_t loop;
@@ -61,6 +72,12 @@ struct pgr_loop {
   struct pgr_cursor *cursors; /* per cfg->queues index */
   uint64_t swept_ms;          /* last claim from the front of every queue */
 
+  enum pgr_probe probe; /* is --listen-db a session? (session.c) */
+  int probe_pid;         /* pg's backend at the probe's LISTEN */
+  int probe_seen;        /* the probe's notification reached pg */
+  unsigned probe_round;  /* probes started (one per pg session) */
+  unsigned probe_notify_round; /* the round of the notify in flight, or 0 */
+  char probe_channel[64];
   int session_ready; /* LISTEN and the claim are set up on pg */
   int registered;  /* heartbeat succeeded on the current connection */
   uint64_t registered_ms; /* uv_now() when it did */
@@ -90,12 +107,24 @@ void pgr_listener_on_heartbeat(struct pgr_loop *l);
 void pgr_listener_release_unknown(struct pgr_loop *l);
 void pgr_listener_start_timers(struct pgr_loop *l);
 
+void pgr_listener_setup_session(struct pgr_loop *l);
+
+/* session.c: the check that --listen-db is a session, started once the
+   schema is known to be there; on success it sets up both connections. */
+void pgr_session_probe_start(struct pgr_loop *l);
+void pgr_session_probe_notify(struct pgr_loop *l); /* when maint is up */
+void pgr_session_probe_on_down(struct pgr_loop *l); /* pg dropped */
+/* 1 if the notification was the probe's (then it is nobody else's). */
+int pgr_session_probe_on_notify(struct pgr_loop *l, const char *channel);
+
 /* janitor.c */
 PGR_MUSTCHECK int pgr_janitor_init(struct pgr_loop *l, char *err,
                                    size_t errlen);
 void pgr_janitor_start(struct pgr_loop *l);
 void pgr_janitor_stop(struct pgr_loop *l);
 void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c);
+/* maint's session settings, once session.c has passed --listen-db. */
+void pgr_janitor_setup(struct pgr_loop *l);
 
 /* dispatch.c */
 void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c);

@@ -189,6 +189,10 @@ static void report_stats(struct pgr_loop *l) {
 
 static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, heartbeat_timer);
+  /* Nothing before the claim connection is known to be a session: the
+     check needs it idle (session.c). */
+  if (l->probe != PGR_PROBE_PASSED)
+    return;
   /* Until the claim connection has registered, the heartbeat goes there:
      that is the registration. After that it stays off the claims' way. */
   struct pgr_pgconn *c =
@@ -231,7 +235,8 @@ static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 static void prune(struct pgr_loop *l) {
   char secs[32], batch[16];
   const char *params[2] = {secs, batch};
-  if (l->prune_busy || l->shutting_down || !pgr_pgconn_ready(&l->maint))
+  if (l->prune_busy || l->shutting_down || l->probe != PGR_PROBE_PASSED ||
+      !pgr_pgconn_ready(&l->maint))
     return;
   snprintf(secs, sizeof secs, "%lld", (long long)l->cfg->retention_s);
   snprintf(batch, sizeof batch, "%d", PRUNE_BATCH);
@@ -256,9 +261,8 @@ static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
 }
 
-static void on_up(struct pgr_pgconn *c) {
-  struct pgr_loop *l = loop_of(c);
-  pgr_debug("maintenance connection up", PGR_LS("worker", l->appname));
+void pgr_janitor_setup(struct pgr_loop *l) {
+  struct pgr_pgconn *c = &l->maint;
   /* Nothing here is a promise to a user: a lost heartbeat or recovery is
      redone a second later, a lost retention batch five seconds later. */
   if (pgr_pgconn_query(c, "SET synchronous_commit = off", 0, NULL, on_setup,
@@ -267,6 +271,17 @@ static void on_up(struct pgr_pgconn *c) {
       pgr_pgconn_query(c, "SET plan_cache_mode = force_generic_plan", 0, NULL,
                        on_setup, l) != 0)
     return;
+}
+
+static void on_up(struct pgr_pgconn *c) {
+  struct pgr_loop *l = loop_of(c);
+  pgr_debug("maintenance connection up", PGR_LS("worker", l->appname));
+  /* Session settings only on a session (session.c): through a transaction
+     pooler they would stay behind on the pool's server connections. */
+  if (l->probe == PGR_PROBE_PASSED)
+    pgr_janitor_setup(l);
+  else
+    pgr_session_probe_notify(l);
 }
 
 static void on_down(struct pgr_pgconn *c, const char *why) {
@@ -278,8 +293,11 @@ static void on_down(struct pgr_pgconn *c, const char *why) {
 }
 
 int pgr_janitor_init(struct pgr_loop *l, char *err, size_t errlen) {
-  if (pgr_pgconn_init(&l->loop, &l->maint, l->cfg->db, l->appname, err,
-                      errlen) != 0)
+  /* The listening conninfo: the settings made in on_up are session state,
+     and this connection's application_name is half of how recovery sees
+     the worker alive, so it needs a session as the claim connection does. */
+  if (pgr_pgconn_init(&l->loop, &l->maint, pgr_config_listen_db(l->cfg),
+                      l->appname, err, errlen) != 0)
     return PGR_EINVAL;
   l->maint.data = l;
   l->maint.on_up = on_up;

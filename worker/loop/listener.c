@@ -346,7 +346,6 @@ static void release_unknown(struct pgr_loop *l) {
   pgr_buf_free(&known);
 }
 
-static void setup_session(struct pgr_loop *l);
 
 static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
@@ -369,7 +368,10 @@ static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
     uv_kill(getpid(), SIGTERM);
     return;
   }
-  setup_session(l);
+  if (l->probe == PGR_PROBE_PASSED)
+    pgr_listener_setup_session(l);
+  else if (l->probe == PGR_PROBE_NONE)
+    pgr_session_probe_start(l);
 }
 
 static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
@@ -409,7 +411,7 @@ static void on_optional_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
 }
 
-static void setup_session(struct pgr_loop *l) {
+void pgr_listener_setup_session(struct pgr_loop *l) {
   struct pgr_pgconn *c = &l->pg;
   /* What this connection commits is never a promise to a user: a claim
      lost in a server crash leaves the task queued, a lost heartbeat or
@@ -441,6 +443,7 @@ void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
   l->releasing = 0;
   l->claiming = 0;
   l->session_ready = 0;
+  pgr_session_probe_on_down(l);
   reset_cursors(l);
   pgr_metrics_set_db_up(0);
   pgr_warn("database connection lost; reconnecting", PGR_LS("error", why));
@@ -451,6 +454,8 @@ void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
 void pgr_listener_on_notify(struct pgr_pgconn *c, const char *channel,
                             const char *payload) {
   struct pgr_loop *l = loop_of(c);
+  if (pgr_session_probe_on_notify(l, channel))
+    return;
   if (strcmp(channel, "pgrunner") == 0) {
     if (queue_index(l->cfg, payload) < 0)
       return;

@@ -181,8 +181,19 @@ int pgr_loop_run(const struct pgr_config *cfg) {
 
   PGR_ASSERT(uv_loop_init(&l->loop) == 0);
   loop_ok = 1;
-  if (pgr_pgconn_init(&l->loop, &l->pg, cfg->db, l->appname, err,
-                      sizeof err) != 0) {
+  /* The worker threads' conninfo is parsed only when they connect: check
+     it now, so a malformed one is a usage error rather than retries. */
+  if (cfg->listen_db) {
+    struct pgr_conninfo ci;
+    if (pgr_conninfo_parse(cfg->db, NULL, &ci, err, sizeof err) != 0) {
+      fprintf(stderr, "pgrunner: %s\n", err);
+      rc = 2;
+      goto out;
+    }
+    pgr_conninfo_free(&ci);
+  }
+  if (pgr_pgconn_init(&l->loop, &l->pg, pgr_config_listen_db(cfg), l->appname,
+                      err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
     rc = 2;
     goto out;

@@ -403,20 +403,27 @@ static void lost(struct pgr_pgconn *c, const char *why) {
     c->on_down(c, c->last_error);
 }
 
-static void on_readable(struct pgr_pgconn *c) {
+/* Hand out the notifications libpq has parsed. 0 if the connection went
+   down meanwhile. */
+static int deliver_notifies(struct pgr_pgconn *c) {
   PGnotify *n;
-
-  if (!PQconsumeInput(c->conn)) {
-    lost(c, PQerrorMessage(c->conn));
-    return;
-  }
   while ((n = PQnotifies(c->conn)) != NULL) {
     if (c->on_notify)
       c->on_notify(c, n->relname, n->extra);
     PQfreemem(n);
     if (c->state != PGR_PGC_READY)
-      return;
+      return 0;
   }
+  return 1;
+}
+
+static void on_readable(struct pgr_pgconn *c) {
+  if (!PQconsumeInput(c->conn)) {
+    lost(c, PQerrorMessage(c->conn));
+    return;
+  }
+  if (!deliver_notifies(c))
+    return;
   while (c->busy && !PQisBusy(c->conn)) {
     PGresult *res = PQgetResult(c->conn);
     if (res != NULL) {
@@ -429,7 +436,11 @@ static void on_readable(struct pgr_pgconn *c) {
       }
       continue;
     }
-    /* NULL: the command is complete. */
+    /* NULL: the command is complete. A notification the server sent
+       before its answer (libpq parses both in PQisBusy) goes first, as
+       the server meant: session.c relies on that order. */
+    if (!deliver_notifies(c))
+      return;
     struct pgr_pgcmd *cmd = c->head;
     PGresult *done = c->result;
     c->result = NULL;
