@@ -528,8 +528,11 @@ class ScriptedSmtp:
             if verb == "DATA" and reply.startswith("354"):
                 while line not in (b".\r\n", b""):
                     line = rfile.readline()
-                self.messages += 1
-                say("250 Accepted")
+                done = self.replies.get(".", "250 Accepted")
+                if done is not None and done.startswith("2"):
+                    self.messages += 1
+                if not say(done):
+                    return
 
     def env(self, **extra):
         """Worker environment pointing at this server."""
@@ -610,3 +613,20 @@ def test_a_5xx_that_helo_recovers_from_does_not_fail_the_task(
     t = finished(mdb, tid, w)
     assert t["state"] == "succeeded", t
     assert s.verbs[:2] == ["EHLO", "HELO"] and s.messages == 1
+
+
+@pytest.mark.parametrize("where", ["GREETING", "EHLO", "MAIL", "RCPT", "DATA",
+                                   "."])
+def test_last_error_names_the_servers_reply(mdb, scripted_smtp, workers,
+                                            where):
+    """Greylisting, wherever the server answers with it: the attempt is
+    retried and last_error carries the reply, code, enhanced code and
+    text."""
+    s = scripted_smtp(**{where: "450 4.7.1 <a@example.com>: greylisted,"
+                                " try again in 5 minutes"})
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    t = queued_again(mdb, tid, w)
+    assert ("450 4.7.1 <a@example.com>: greylisted, try again in 5 minutes"
+            in t["last_error"]), t
+    assert s.messages == 0
