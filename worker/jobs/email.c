@@ -474,8 +474,11 @@ static int load_trust(SSL_CTX *ctx, const char *ca_file, char *err,
   }
   f = fopen(ca_file, "r");
   if (f == NULL) {
+    char eb[128];
+    /* GNU strerror_r (_GNU_SOURCE): the text may not be in eb. */
+    const char *why = strerror_r(errno, eb, sizeof eb);
     snprintf(err, errlen, "PGRUNNER_SMTP_CA_FILE: cannot read \"%s\": %s",
-             ca_file, strerror(errno));
+             ca_file, why);
     return -1;
   }
   fclose(f);
