@@ -157,7 +157,7 @@ static const char usage_work[] =
     "\n"
     "SMTP for email tasks: PGRUNNER_SMTP_HOST, PGRUNNER_SMTP_PORT (25),\n"
     "PGRUNNER_SMTP_USER, PGRUNNER_SMTP_PASSWORD, PGRUNNER_SMTP_STARTTLS\n"
-    "(no, try, require), PGRUNNER_MAIL_FROM.\n";
+    "(no, try, require), PGRUNNER_SMTP_CA_FILE, PGRUNNER_MAIL_FROM.\n";
 
 static const char usage_add[] =
     "Usage: pgrunner add KIND [PAYLOAD_JSON] [OPTIONS]\n"
@@ -168,7 +168,8 @@ static const char usage_add[] =
     "  --run-at TIME        not before this time (any PostgreSQL timestamptz)\n"
     "  --delay S            not before S seconds from now\n"
     "  --priority P         smaller runs first (0)\n"
-    "  --max-attempts N     attempts before the task fails (5)\n"
+    "  --max-attempts N     attempts before the task fails (default: the\n"
+    "                       retry policy of its kind and queue, else 5)\n"
     "  --key K              de-duplication key\n";
 
 static const char usage_status[] =
@@ -698,6 +699,7 @@ static int smtp_from_env(struct pgr_smtp_config *s, char *errbuf,
   set_str(&s->mail_from, getenv("PGRUNNER_MAIL_FROM"));
   set_str(&s->helo_domain, getenv("PGRUNNER_SMTP_HELO"));
   set_str(&s->message_id_domain, getenv("PGRUNNER_MESSAGE_ID_DOMAIN"));
+  set_str(&s->ca_file, getenv("PGRUNNER_SMTP_CA_FILE"));
   if ((v = getenv("PGRUNNER_SMTP_TIMEOUT")) != NULL) {
     if (pgr_parse_int(v, 1, 3600, &n) != 0)
       return usage_error(errbuf, errlen,
@@ -1000,6 +1002,7 @@ void pgr_config_free(struct pgr_config *cfg) {
   free(cfg->smtp.mail_from);
   free(cfg->smtp.helo_domain);
   free(cfg->smtp.message_id_domain);
+  free(cfg->smtp.ca_file);
   free(cfg->log_dir);
   free(cfg->add_kind);
   free(cfg->add_payload);

@@ -50,6 +50,7 @@ struct pgr_smtp_config {
   char *helo_domain;       /* PGRUNNER_SMTP_HELO, else the host name */
   char *message_id_domain; /* PGRUNNER_MESSAGE_ID_DOMAIN, else the sender's */
   int timeout_s;           /* PGRUNNER_SMTP_TIMEOUT, 30 */
+  char *ca_file; /* PGRUNNER_SMTP_CA_FILE: trusted instead of the default */
 };
 
 struct pgr_config {

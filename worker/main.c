@@ -17,6 +17,7 @@
 
 #include "cli/cli.h"
 #include "config.h"
+#include "jobs/email.h"
 #include "jobs/email_msg.h"
 #include "log.h"
 #include "loop/loop.h"
@@ -85,7 +86,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (cfg.command == PGR_CMD_WORK) {
-    if (pgr_email_check_config(&cfg.smtp, err, sizeof err) != 0) {
+    if (pgr_email_check_config(&cfg.smtp, err, sizeof err) != 0 ||
+        pgr_email_check_ca_file(&cfg.smtp, err, sizeof err) != 0) {
       fprintf(stderr, "pgrunner: %s\n", err);
       pgr_config_free(&cfg);
       return 2;

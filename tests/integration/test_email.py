@@ -184,6 +184,71 @@ def test_starttls_require_refuses_an_untrusted_certificate(mdb, smtp_server,
     assert s.messages() == []
 
 
+def queued_again(db, tid, worker):
+    """Wait for a failed attempt that was retried; return the row."""
+    return wait_task(db, tid, lambda t: t["attempts"] >= 1 and
+                     t["last_error"] and t["state"] == "queued", worker,
+                     "a failed attempt, queued again")
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_smtp_ca_file_trusts_a_private_ca(mdb, smtp_server, workers, tls_ca,
+                                          host):
+    """PGRUNNER_SMTP_CA_FILE is the trust store for the SMTP server: a
+    certificate of a private CA verifies with it (by its DNS name or, for
+    an address, its IP address name) and not without it."""
+    cert, key = tls_ca.server_cert("mta", "DNS:localhost,IP:127.0.0.1")
+    s = smtp_server(tls_cert=cert, tls_key=key, require_starttls=True)
+    env = dict(PGRUNNER_SMTP_HOST=host, PGRUNNER_SMTP_STARTTLS="require",
+               PGRUNNER_SMTP_TIMEOUT=5)
+    w = start_worker(workers, mdb, s, **env)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    t = queued_again(mdb, tid, w)
+    assert "certificate is not trusted" in t["last_error"], t
+    assert "unable to get local issuer certificate" in t["last_error"], t
+    w.stop()
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_CA_FILE=tls_ca.cert,
+                     **env)
+    retry_now(mdb, tid)
+    t = finished(mdb, tid, w)
+    assert t["state"] == "succeeded", t
+    (m,) = s.wait_for(1)
+    assert m.tls is True
+
+
+def test_an_ip_host_needs_the_ip_in_the_certificate(mdb, smtp_server,
+                                                    workers, tls_ca):
+    cert, key = tls_ca.server_cert("dns-only", "DNS:localhost")
+    s = smtp_server(tls_cert=cert, tls_key=key, require_starttls=True)
+    w = start_worker(workers, mdb, s, PGRUNNER_SMTP_STARTTLS="require",
+                     PGRUNNER_SMTP_CA_FILE=tls_ca.cert,
+                     PGRUNNER_SMTP_TIMEOUT=5)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    t = queued_again(mdb, tid, w)
+    assert "does not name the address 127.0.0.1" in t["last_error"], t
+    assert '"localhost"' in t["last_error"], t
+    assert s.messages() == []
+
+
+@pytest.mark.parametrize("content,reason", [
+    (None, "No such file or directory"),
+    ("not a certificate\n", "no certificate"),
+])
+def test_a_bad_smtp_ca_file_is_refused_at_start(mdb, tmp_path, content,
+                                                reason):
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_text(content)
+    env = {"PGRUNNER_SMTP_HOST": "127.0.0.1",
+           "PGRUNNER_SMTP_CA_FILE": str(path)}
+    r = run_pgrunner(["work", "--db", mdb.dsn], env=env, timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "PGRUNNER_SMTP_CA_FILE" in lines[0] and reason in lines[0], \
+        r.stderr
+
+
 def test_starttls_try_is_opportunistic(mdb, smtp_server, workers, tls_cert):
     s = smtp_server(tls_cert=tls_cert.cert, tls_key=tls_cert.key)
     w = start_worker(workers, mdb, s, PGRUNNER_SMTP_STARTTLS="try")
@@ -276,6 +341,41 @@ def test_a_server_that_is_down_then_up_gets_the_mail_once(mdb, smtp_server,
     w.stop()
     assert len(s.messages()) == 1
     assert task(mdb, tid)["attempts"] == attempts
+
+
+def test_an_outage_longer_than_the_old_schedule_delivers_once(
+        mdb, smtp_server, workers):
+    """The mail server stays down for longer than the whole schedule of
+    the old default (5 attempts, 1 + 2 + 4 + 8 s), then comes back: the
+    email kind's policy (here a short one, as set_retry_policy() makes it)
+    keeps the task queued, and the message arrives once, with the
+    Message-ID it had on every attempt."""
+    mdb.query("SELECT pgrunner.set_retry_policy(kind => 'email',"
+              " max_attempts => 20, base => interval '1 second',"
+              " cap => interval '2 seconds')")
+    s = smtp_server(start=False)
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "subject": "outage",
+                          "text": "x"})
+    assert mdb.scalar("SELECT max_attempts FROM pgrunner.tasks"
+                      " WHERE id = %s", (tid,)) == 20
+    wait_until(lambda: mdb.scalar(
+        "SELECT attempts > 5 AND state = 'queued'"
+        " AND now() - created_at > interval '16 seconds'"
+        " FROM pgrunner.tasks WHERE id = %s", (tid,)),
+        timeout=90, what="a queued task, past the old schedule")
+    t = task(mdb, tid)
+    assert "Connection refused" in t["last_error"], t
+    s.start()
+    t = finished(mdb, tid, w)
+    assert t["state"] == "succeeded", t
+    assert t["attempts"] > 5, t
+    msgs = s.wait_for(1)
+    w.stop()
+    msgs = s.messages()
+    assert len(msgs) == 1, "delivered exactly once"
+    assert msgs[0]["Message-ID"] == f"<pgrunner.{tid}@{MSGID_DOMAIN}>"
+    assert msgs[0]["Subject"] == "outage"
 
 
 def test_a_retry_resends_the_same_message_id(mdb, smtp_server, workers):
@@ -428,8 +528,11 @@ class ScriptedSmtp:
             if verb == "DATA" and reply.startswith("354"):
                 while line not in (b".\r\n", b""):
                     line = rfile.readline()
-                self.messages += 1
-                say("250 Accepted")
+                done = self.replies.get(".", "250 Accepted")
+                if done is not None and done.startswith("2"):
+                    self.messages += 1
+                if not say(done):
+                    return
 
     def env(self, **extra):
         """Worker environment pointing at this server."""
@@ -510,3 +613,20 @@ def test_a_5xx_that_helo_recovers_from_does_not_fail_the_task(
     t = finished(mdb, tid, w)
     assert t["state"] == "succeeded", t
     assert s.verbs[:2] == ["EHLO", "HELO"] and s.messages == 1
+
+
+@pytest.mark.parametrize("where", ["GREETING", "EHLO", "MAIL", "RCPT", "DATA",
+                                   "."])
+def test_last_error_names_the_servers_reply(mdb, scripted_smtp, workers,
+                                            where):
+    """Greylisting, wherever the server answers with it: the attempt is
+    retried and last_error carries the reply, code, enhanced code and
+    text."""
+    s = scripted_smtp(**{where: "450 4.7.1 <a@example.com>: greylisted,"
+                                " try again in 5 minutes"})
+    w = start_worker(workers, mdb, s)
+    tid = add_email(mdb, {"to": "a@example.com", "text": "x"})
+    t = queued_again(mdb, tid, w)
+    assert ("450 4.7.1 <a@example.com>: greylisted, try again in 5 minutes"
+            in t["last_error"]), t
+    assert s.messages == 0

@@ -259,6 +259,18 @@ def assert_plans(plans):
             if v not in bad:
                 bad.append(v)
     assert not bad, "\n".join(bad)
+    # The retry policy look-up (0011): every insert's trigger and every
+    # retry run it, so it reads the policy table through its index.
+    lookups = [p for p in plans
+               if "FROM pgrunner.retry_policies p" in p.get("Query Text", "")]
+    assert lookups, "no retry policy look-up was logged"
+    for p in lookups:
+        scans = [n for n, _ in nodes(p["Plan"])
+                 if n.get("Relation Name") == "retry_policies"]
+        assert scans and all(
+            n["Node Type"] in ("Index Scan", "Index Only Scan")
+            and n.get("Index Name") == "retry_policies_scope_idx"
+            for n in scans), p
 
 
 def test_rules_catch_a_bad_plan():

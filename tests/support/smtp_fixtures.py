@@ -13,6 +13,8 @@ Fixtures:
   brings it up on that same port.
 - `tls_cert`: a self-signed certificate for localhost / 127.0.0.1, made with
   the openssl command.
+- `tls_ca`: a private CA that signs server certificates with the names a
+  test asks for (`tls_ca.server_cert(name, san)`).
 
 Every server a fixture started is stopped when the test ends, whatever the
 outcome; a server also exits by itself when the pytest process is gone.
@@ -236,11 +238,57 @@ def tls_cert(tmp_path_factory):
          "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
          "-keyout", c.key, "-out", c.cert, "-days", "3",
          "-subj", "/CN=localhost",
-         # libESMTP matches the host it connected to against the DNS names
-         # only (smtp-tls.c: "TODO: handle GEN_IPADD"), hence 127.0.0.1 as a
-         # DNS name too.
+         # 127.0.0.1 as a DNS name too, as certificates made for clients
+         # that match only DNS names (libESMTP alone) have it.
          "-addext", "subjectAltName=DNS:localhost,DNS:127.0.0.1,IP:127.0.0.1",
          "-addext", "basicConstraints=critical,CA:TRUE"],
         check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     os.chmod(c.key, 0o600)
     return c
+
+
+class TlsCa:
+    """A private CA and server certificates it signed (openssl command)."""
+
+    def __init__(self, d):
+        self.dir = str(d)
+        self.cert = os.path.join(self.dir, "ca.pem")
+        self.key = os.path.join(self.dir, "ca.key")
+        self._openssl(["req", "-x509", "-newkey", "ec",
+                       "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                       "-keyout", self.key, "-out", self.cert, "-days", "3",
+                       "-subj", "/CN=pgrunner test CA",
+                       "-addext", "basicConstraints=critical,CA:TRUE",
+                       "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+
+    def _openssl(self, args):
+        subprocess.run(["openssl"] + args, check=True, cwd=self.dir,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def server_cert(self, name, san):
+        """A server certificate and key signed by this CA, with the given
+        subjectAltName (e.g. "DNS:localhost,IP:127.0.0.1"); returns
+        (cert path, key path)."""
+        key = os.path.join(self.dir, f"{name}.key")
+        csr = os.path.join(self.dir, f"{name}.csr")
+        cert = os.path.join(self.dir, f"{name}.pem")
+        ext = os.path.join(self.dir, f"{name}.ext")
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName={san}\n"
+                    "basicConstraints=critical,CA:FALSE\n"
+                    "extendedKeyUsage=serverAuth\n")
+        self._openssl(["req", "-new", "-newkey", "ec",
+                       "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                       "-keyout", key, "-out", csr, "-subj", "/CN=localhost"])
+        self._openssl(["x509", "-req", "-in", csr, "-CA", self.cert,
+                       "-CAkey", self.key, "-CAcreateserial", "-days", "3",
+                       "-extfile", ext, "-out", cert])
+        os.chmod(key, 0o600)
+        return cert, key
+
+
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory):
+    """A private CA (openssl), to sign server certificates with
+    tls_ca.server_cert(name, san)."""
+    return TlsCa(tmp_path_factory.mktemp("ca"))

@@ -25,7 +25,7 @@ static const char add_sql[] =
     " run_at => coalesce($4::timestamptz,"
     "                    now() + coalesce($5::float8, 0) * interval '1 second'),"
     " priority => coalesce($6::int, 0),"
-    " max_attempts => coalesce($7::int, 5),"
+    " max_attempts => $7::int,"
     " key => $8)";
 
 int pgr_cmd_add(const struct pgr_config *cfg) {

@@ -25,6 +25,8 @@
  */
 #include "jobs/email.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -35,7 +37,9 @@
  * order): it declares smtp_auth_set_context() only after auth-client.h, and
  * smtp_starttls_set_ctx() only after <openssl/ssl.h>. */
 #include <auth-client.h>
+#include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include <libesmtp.h>
 
@@ -58,6 +62,13 @@ struct session {
   int auth_asked;
   int authenticated;
 };
+
+/* host_is_ip: the configured host is an IPv4 address (IPv6 literals cannot
+ * be given, see send_message()). */
+static int host_is_ip(const char *host) {
+  struct in_addr a;
+  return host != NULL && inet_pton(AF_INET, host, &a) == 1;
+}
 
 /* printable copies a server's text for last_error: ASCII, no controls. */
 static void printable(char *dst, size_t n, const char *src, size_t len) {
@@ -125,13 +136,31 @@ static void on_event(smtp_session_t s, int ev, void *arg, ...) {
   case SMTP_EV_WRONG_PEER_CERTIFICATE: {
     char name[96];
     const char *n;
+    SSL *ssl;
     ok = va_arg(ap, int *);
     n = va_arg(ap, const char *);
+    ssl = va_arg(ap, SSL *);
     if (!require) {
       *ok = 1;
       break;
     }
     printable(name, sizeof name, n ? n : "", n ? strlen(n) : 0);
+    /* libESMTP matches the host against the certificate's DNS names only
+     * (smtp-tls.c: "TODO: handle GEN_IPADD"); a host given as an address
+     * is matched here against its IP address names. The chain itself was
+     * verified before this event. */
+    if (host_is_ip(ss->cfg->host)) {
+      X509 *cert = ssl != NULL ? SSL_get0_peer_certificate(ssl) : NULL;
+      if (cert != NULL && X509_check_ip_asc(cert, ss->cfg->host, 0) == 1) {
+        *ok = 1;
+        break;
+      }
+      note(ss,
+           "the server's TLS certificate does not name the address %s "
+           "(no such IP address in its subjectAltName; it names \"%s\")",
+           ss->cfg->host, name);
+      break;
+    }
     note(ss,
          "the server's TLS certificate does not name the host "
          "(it names \"%s\")",
@@ -409,8 +438,10 @@ static enum pgr_outcome classify(struct session *ss, smtp_message_t msg,
  * SMTP servers negotiate anyway. Owning the context also means trust comes
  * from OpenSSL's default store, which the standard SSL_CERT_FILE and
  * SSL_CERT_DIR variables override, rather than from libESMTP's per-user
- * files. libESMTP still checks the certificate and the host name itself
- * (check_acceptable_security()) and reports through on_event().
+ * files, and PGRUNNER_SMTP_CA_FILE, when set, replaces that store (as
+ * curl's --cacert and libpq's sslrootcert do). libESMTP still checks the
+ * certificate and the host name itself (check_acceptable_security()) and
+ * reports through on_event(), where an IP address host is checked.
  *
  * Why per thread: OpenSSL 3.0 fills a certificate's extension cache lazily,
  * and two threads verifying against the same trusted certificate race on it
@@ -429,20 +460,70 @@ static void tls_key_init(void) {
   PGR_ASSERT(pthread_key_create(&tls_key, tls_ctx_free) == 0);
 }
 
-/* thread_tls_ctx returns this thread's context, or NULL if OpenSSL fails. */
-static SSL_CTX *thread_tls_ctx(void) {
+/* load_trust makes ctx trust PGRUNNER_SMTP_CA_FILE alone when it is set,
+ * else OpenSSL's default store. 0, or -1 with OpenSSL's reason in err. */
+static int load_trust(SSL_CTX *ctx, const char *ca_file, char *err,
+                      size_t errlen) {
+  unsigned long e;
+  FILE *f;
+  if (ca_file == NULL || *ca_file == '\0') {
+    if (SSL_CTX_set_default_verify_paths(ctx))
+      return 0;
+    snprintf(err, errlen, "cannot load OpenSSL's default CA store");
+    return -1;
+  }
+  f = fopen(ca_file, "r");
+  if (f == NULL) {
+    char eb[128];
+    /* GNU strerror_r (_GNU_SOURCE): the text may not be in eb. */
+    const char *why = strerror_r(errno, eb, sizeof eb);
+    snprintf(err, errlen, "PGRUNNER_SMTP_CA_FILE: cannot read \"%s\": %s",
+             ca_file, why);
+    return -1;
+  }
+  fclose(f);
+  ERR_clear_error();
+  if (SSL_CTX_load_verify_locations(ctx, ca_file, NULL))
+    return 0;
+  e = ERR_peek_last_error();
+  snprintf(err, errlen, "PGRUNNER_SMTP_CA_FILE: cannot load \"%s\": %s",
+           ca_file, e != 0 ? ERR_reason_error_string(e) : "no certificate");
+  ERR_clear_error();
+  return -1;
+}
+
+int pgr_email_check_ca_file(const struct pgr_smtp_config *cfg, char *errbuf,
+                            size_t errlen) {
+  SSL_CTX *ctx;
+  int rc;
+  if (cfg->ca_file == NULL || *cfg->ca_file == '\0')
+    return 0;
+  ctx = SSL_CTX_new(TLS_client_method());
+  if (ctx == NULL) {
+    snprintf(errbuf, errlen, "cannot set up a TLS context");
+    return -1;
+  }
+  rc = load_trust(ctx, cfg->ca_file, errbuf, errlen);
+  SSL_CTX_free(ctx);
+  return rc;
+}
+
+/* thread_tls_ctx returns this thread's context, or NULL (reason in err). */
+static SSL_CTX *thread_tls_ctx(const struct pgr_smtp_config *cfg, char *err,
+                               size_t errlen) {
   SSL_CTX *ctx;
 
   pthread_once(&tls_once, tls_key_init);
   ctx = pthread_getspecific(tls_key);
   if (ctx != NULL)
     return ctx;
+  snprintf(err, errlen, "cannot set up a TLS context");
   ctx = SSL_CTX_new(TLS_client_method());
   if (ctx == NULL)
     return NULL;
   if (!SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
       !SSL_CTX_set_max_proto_version(ctx, TLS1_2_VERSION) ||
-      !SSL_CTX_set_default_verify_paths(ctx) ||
+      load_trust(ctx, cfg->ca_file, err, errlen) != 0 ||
       pthread_setspecific(tls_key, ctx) != 0) {
     SSL_CTX_free(ctx);
     return NULL;
@@ -515,9 +596,10 @@ static enum pgr_outcome send_message(const struct pgr_smtp_config *cfg,
     break;
   }
   if (tls != Starttls_DISABLED) {
-    SSL_CTX *ctx = thread_tls_ctx();
+    char why[400];
+    SSL_CTX *ctx = thread_tls_ctx(cfg, why, sizeof why);
     if (ctx == NULL) {
-      snprintf(err, errlen, "SMTP: cannot set up a TLS context");
+      snprintf(err, errlen, "SMTP: %s", why);
       goto out;
     }
     if (!smtp_starttls_enable(s, tls) || !smtp_starttls_set_ctx(s, ctx)) {

@@ -21,18 +21,32 @@
  * TLS: STARTTLS uses pgrunner's own OpenSSL context (TLS 1.2; see email.c
  * for why not 1.3 with libESMTP 1.1.0), which trusts OpenSSL's default CA
  * store: the system's, or the file / directory named by the standard
- * SSL_CERT_FILE / SSL_CERT_DIR environment variables. With
+ * SSL_CERT_FILE / SSL_CERT_DIR environment variables; PGRUNNER_SMTP_CA_FILE
+ * replaces that store with the certificates of one PEM file. With
  * PGRUNNER_SMTP_STARTTLS=require the server's certificate must verify and
- * name the host (libESMTP matches its DNS names); with =try it is
+ * name the host (libESMTP matches its DNS names; a host given as an IPv4
+ * address is matched against the certificate's IP address names); with
+ * =try it is
  * opportunistic TLS: used when offered, certificate not verified (as
  * Postfix's "may" level).
  */
 #ifndef PGR_EMAIL_H
 #define PGR_EMAIL_H
 
+#include <stddef.h>
+
+#include "common.h"
 #include "pgrunner.h"
 
 /* arg: const struct pgr_smtp_config *. */
 enum pgr_outcome pgr_email_handler(struct pgr_job *job, void *arg);
+
+struct pgr_smtp_config;
+
+/* pgr_email_check_ca_file: PGRUNNER_SMTP_CA_FILE, when set, loads (a
+ * readable PEM file with at least one certificate). 0, or -1 with a
+ * one-line reason in errbuf. Checked once when the worker starts. */
+PGR_MUSTCHECK int pgr_email_check_ca_file(const struct pgr_smtp_config *cfg,
+                                          char *errbuf, size_t errlen);
 
 #endif /* PGR_EMAIL_H */
