@@ -337,6 +337,8 @@ class TcpProxy:
         self.pairs = []
         self.refusing = False
         self.frozen = False
+        self.held = set()        # hold(): (port, from_client) frozen
+        self.held_bytes = {}     # port -> bytes from the client held
         self.accepted = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -368,22 +370,32 @@ class TcpProxy:
                 client.close()
                 continue
             pair = (client, server)
+            # The port the server sees as the client's (client_port in
+            # pg_stat_activity): how a test names one connection.
+            port = server.getsockname()[1]
             with self.lock:
                 self.pairs.append(pair)
                 self.accepted += 1
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, pair),
+                threading.Thread(target=self._pump,
+                                 args=(a, b, pair, port, a is client),
                                  daemon=True).start()
 
-    def _pump(self, src, dst, pair):
+    def _pump(self, src, dst, pair, port, from_client):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                held = (port, from_client) in self.held
+                if held and from_client:
+                    with self.lock:
+                        self.held_bytes[port] = \
+                            self.held_bytes.get(port, 0) + len(data)
                 # Frozen: hold what arrived (the sender's writes succeed,
                 # nothing reaches the other side) until thawed or cut.
-                while self.frozen and pair in self.pairs:
+                while (self.frozen or (port, from_client) in self.held) \
+                        and pair in self.pairs:
                     time.sleep(0.01)
                 dst.sendall(data)
         except OSError:
@@ -424,6 +436,21 @@ class TcpProxy:
         """While on, bytes are read from both sides but not passed on: a
         network path that went silent without closing."""
         self.frozen = on
+
+    def hold(self, port, on=True, up=True, down=True):
+        """freeze() for the one connection whose server-side port is
+        `port` (pg_stat_activity.client_port), in the directions chosen:
+        up (client to server), down (server to client)."""
+        for d, chosen in ((True, up), (False, down)):
+            if chosen and on:
+                self.held.add((port, d))
+            elif chosen:
+                self.held.discard((port, d))
+
+    def held_from_client(self, port):
+        """Bytes the client sent on a held connection, not passed on."""
+        with self.lock:
+            return self.held_bytes.get(port, 0)
 
     def refuse(self, on=True):
         """While on, accept and at once close new connections."""

@@ -20,6 +20,13 @@
  * reconnecting we read the row; if our attempt committed it says succeeded,
  * and otherwise the attempt is recorded as failed, so a task is neither lost
  * nor completed twice.
+ *
+ * "Dropped" means any session we cannot vouch for: closed, a FATAL error
+ * (the server ends the session after it, but libpq may not have read the
+ * end yet), a pipeline not read back whole, a ROLLBACK that did not run.
+ * Such a session is never used again: the attempt is found out and
+ * recorded on a fresh one, since a task left running under a live worker
+ * is one that recovery never touches.
  */
 #include <poll.h>
 #include <stdio.h>
@@ -113,36 +120,28 @@ static const char *sqlstate_of(const PGresult *res) {
   return s ? s : "";
 }
 
-int pgr_txn_connect(struct pgr_slot *s) {
-  struct pgr_pool *p = s->pool;
-  char err[1024];
-  uint64_t backoff = 100;
-  PGconn *conn;
+/* An error after which the server ends the session (a terminated backend,
+   a shutdown), whether or not libpq has seen the socket close yet. */
+static int session_ending(const PGresult *res) {
+  const char *sev =
+      res ? PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED) : NULL;
+  return sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0);
+}
 
-  PGR_ASSERT_OFF_LOOP();
-  if (s->conn) {
-    PQfinish(s->conn);
-    s->conn = NULL;
-    uv_mutex_lock(&p->mu);
-    p->connected--;
-    s->backend_pid = 0;
-    uv_mutex_unlock(&p->mu);
-  }
-  for (;;) {
-    uv_mutex_lock(&p->mu);
-    int stopping = p->stopping;
-    uv_mutex_unlock(&p->mu);
-    if (stopping)
-      return PGR_ECONN;
-    if (pgr_db_connect(p->cfg->db, p->appname, &conn, err, sizeof err) == 0)
-      break;
-    /* Every thread retries; one of them speaks for all at warn. */
-    pgr_log(s->index == 0 ? PGR_LEVEL_WARN : PGR_LEVEL_DEBUG,
-            "worker connection failed; retrying", PGR_LI("thread", s->index),
-            PGR_LS("error", err), PGR_LI("retry_ms", backoff));
-    uv_sleep((unsigned)backoff);
-    backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
-  }
+/* Can this session, after a statement that failed with `res`, be used
+   for anything more? Not if it is closed or closing, or still in a
+   pipeline (where plain commands cannot run). */
+static int session_lost(PGconn *conn, const PGresult *res) {
+  return res == NULL || PQstatus(conn) != CONNECTION_OK ||
+         PQpipelineStatus(conn) != PQ_PIPELINE_OFF || session_ending(res);
+}
+
+/* A new session's settings and prepared statements. Returns non-zero if
+   the session was lost meanwhile (terminated as soon as it started, as a
+   failover or a DBA may do): it is then useless, and connecting again is
+   the caller's business. */
+static int setup_session(struct pgr_pool *p, PGconn *conn) {
+  char err[1024];
 
   /* The default time limit applies to every statement of a task; a task
      with its own limit overrides it with SET LOCAL. The server notices a
@@ -165,10 +164,52 @@ int pgr_txn_connect(struct pgr_slot *s) {
   for (size_t i = 0; i < PGR_ARRAY_LEN(prep); i++) {
     PGresult *res = PQprepare(conn, prep[i].name, prep[i].sql, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+      int lost = session_lost(conn, res);
       pgr_db_describe_error(res, conn, err, sizeof err);
+      PQclear(res);
+      if (lost)
+        return PGR_ECONN;
       pgr_error("cannot prepare worker statements", PGR_LS("error", err));
+      continue;
     }
     PQclear(res);
+  }
+  return PQstatus(conn) == CONNECTION_OK ? 0 : PGR_ECONN;
+}
+
+int pgr_txn_connect(struct pgr_slot *s) {
+  struct pgr_pool *p = s->pool;
+  char err[1024];
+  uint64_t backoff = 100;
+  PGconn *conn;
+
+  PGR_ASSERT_OFF_LOOP();
+  if (s->conn) {
+    PQfinish(s->conn);
+    s->conn = NULL;
+    uv_mutex_lock(&p->mu);
+    p->connected--;
+    s->backend_pid = 0;
+    uv_mutex_unlock(&p->mu);
+  }
+  for (;;) {
+    uv_mutex_lock(&p->mu);
+    int stopping = p->stopping;
+    uv_mutex_unlock(&p->mu);
+    if (stopping)
+      return PGR_ECONN;
+    if (pgr_db_connect(p->cfg->db, p->appname, &conn, err, sizeof err) == 0) {
+      if (setup_session(p, conn) == 0)
+        break;
+      snprintf(err, sizeof err, "%s", PQerrorMessage(conn));
+      PQfinish(conn);
+    }
+    /* Every thread retries; one of them speaks for all at warn. */
+    pgr_log(s->index == 0 ? PGR_LEVEL_WARN : PGR_LEVEL_DEBUG,
+            "worker connection failed; retrying", PGR_LI("thread", s->index),
+            PGR_LS("error", err), PGR_LI("retry_ms", backoff));
+    uv_sleep((unsigned)backoff);
+    backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
   }
 
   uv_mutex_lock(&p->mu);
@@ -214,6 +255,10 @@ static int pipeline_results(PGconn *conn, int n, struct attempt *a,
     PGresult *res;
     while ((res = PQgetResult(conn)) != NULL) {
       ExecStatusType st = PQresultStatus(res);
+      if (session_ending(res)) {
+        PQclear(res);
+        return -1;
+      }
       if (st == PGRES_FATAL_ERROR && failed == n) {
         const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
         failed = i;
@@ -235,16 +280,13 @@ static int pipeline_results(PGconn *conn, int n, struct attempt *a,
   return failed;
 }
 
-/* A pipeline that could not be sent or read back whole. */
+/* A pipeline that could not be sent or read back whole: what the server
+   did with it is unknown, and the session, still in pipeline mode with
+   results pending, can run nothing more (not even ROLLBACK). The attempt
+   is found out on a fresh session. */
 static void pipeline_broken(PGconn *conn, struct attempt *a) {
-  if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
-    PQexitPipelineMode(conn);
-  if (PQstatus(conn) == CONNECTION_BAD) {
-    a->r = A_CONNLOST;
-  } else {
-    set_msg(a, A_RETRY, PQerrorMessage(conn));
-    (void)command(conn, "ROLLBACK");
-  }
+  (void)conn;
+  a->r = A_CONNLOST;
 }
 
 /* What one pipeline of an attempt carries (run_pipeline). */
@@ -315,9 +357,9 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_OK;
     return;
   }
-  /* Anything but a failed COMMIT leaves an aborted transaction block. */
-  if (failed != step_commit && command(conn, "ROLLBACK") != 0 &&
-      PQstatus(conn) == CONNECTION_BAD) {
+  /* Anything but a failed COMMIT leaves an aborted transaction block; a
+     session that cannot even roll back is not to be trusted further. */
+  if (failed != step_commit && command(conn, "ROLLBACK") != 0) {
     a->r = A_CONNLOST;
     return;
   }
@@ -366,7 +408,7 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
     /* false: not ours any more, or cancelled; finish_attempt() tells
        which (it records nothing for an attempt that is not ours). */
     a->r = strcmp(PQgetvalue(res, 0, 0), "t") == 0 ? A_OK : A_CANCELLED;
-  } else if (PQstatus(s->conn) == CONNECTION_BAD) {
+  } else if (session_lost(s->conn, res)) {
     a->r = A_CONNLOST;
   } else {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
@@ -404,7 +446,11 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
   if (a->r != A_OK)
     return;
   enum pgr_outcome o = h->fn(&job, h->arg);
-  if (PQstatus(s->conn) == CONNECTION_BAD) {
+  /* The handler had the session: it may have been terminated under it
+     (its own statement then failed), or left in a pipeline. */
+  if (PQstatus(s->conn) != CONNECTION_OK ||
+      PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+      PQtransactionStatus(s->conn) == PQTRANS_ACTIVE) {
     a->r = A_CONNLOST;
     goto out;
   }
@@ -414,8 +460,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
      records the interruption as it does for SQL tasks. */
   if (o == PGR_SUCCESS && pgr_slot_interrupt(s) != PGR_INT_NONE) {
     set_msg(a, A_RETRY, "interrupted while the handler ran");
-    if (command(s->conn, "ROLLBACK") != 0 &&
-        PQstatus(s->conn) == CONNECTION_BAD)
+    if (command(s->conn, "ROLLBACK") != 0)
       a->r = A_CONNLOST;
     goto out;
   }
@@ -430,26 +475,40 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     set_msg(a, o == PGR_PERMANENT ? A_PERMANENT : A_RETRY,
             jp.error ? jp.error : "handler failed");
   }
-  if (command(s->conn, "ROLLBACK") != 0 && PQstatus(s->conn) == CONNECTION_BAD)
+  if (command(s->conn, "ROLLBACK") != 0)
     a->r = A_CONNLOST;
 out:
   free(jp.error);
 }
 
-/* After a dropped connection: did our attempt commit? */
-static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
-  char id[32];
+/* How many times a statement of the rare paths below is tried again after
+   an error that is not the session's loss (a refusal, a lock timeout...),
+   before the thread gives up on the attempt. */
+#define FAULT_TRIES 5
+
+/* Is the task's row our attempt, and in which state? On a fresh session
+   if the current one is gone. Returns A_OK (our attempt committed),
+   A_RETRY (still running as ours: nothing committed), A_LOST (someone
+   else's now, or stopping). */
+static enum attempt_result check_row(struct pgr_slot *s,
+                                     const struct pgr_claim *c) {
+  char id[32], err[1024];
   const char *params[1] = {id};
-  enum attempt_result r = A_LOST;
+  int refused = 0;
 
   snprintf(id, sizeof id, "%lld", (long long)c->id);
   for (;;) {
-    if (pgr_txn_connect(s) != 0)
-      return A_LOST; /* stopping: recovery will see to the task */
+    if (!s->conn || PQstatus(s->conn) != CONNECTION_OK ||
+        PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+        PQtransactionStatus(s->conn) != PQTRANS_IDLE) {
+      if (pgr_txn_connect(s) != 0)
+        return A_LOST; /* stopping: recovery will see to the task */
+    }
     /* Unnamed, so planned for the table as it is now; a rare path. */
     PGresult *res =
         PQexecParams(s->conn, check_sql, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+      enum attempt_result r = A_LOST;
       if (PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
           atoll(PQgetvalue(res, 0, 2)) == c->worker_id) {
         const char *st = PQgetvalue(res, 0, 0);
@@ -461,26 +520,56 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
       PQclear(res);
       return r;
     }
+    int lost = session_lost(s->conn, res);
+    pgr_db_describe_error(res, s->conn, err, sizeof err);
     PQclear(res);
-    if (PQstatus(s->conn) != CONNECTION_BAD)
+    if (lost) {
+      if (pgr_txn_connect(s) != 0)
+        return A_LOST;
+    } else if (++refused >= FAULT_TRIES) {
+      pgr_error("cannot read the task after a lost connection",
+                PGR_LI("task", c->id), PGR_LS("error", err));
       return A_LOST;
+    }
   }
 }
 
-/* Record a failed attempt; sets c->done and c->retry_at_ms. */
+/* After a dropped connection: did our attempt commit? The session that
+   ran it is never reused (see the top of the file). */
+static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
+  if (pgr_txn_connect(s) != 0)
+    return A_LOST; /* stopping: recovery will see to the task */
+  return check_row(s, c);
+}
+
+/* Record a failed attempt; sets c->done and c->retry_at_ms. A session that
+   is lost meanwhile is replaced and the record tried again: it checks
+   (task, state, attempt, worker), so a record that did commit before the
+   reply was lost is not made twice. */
 static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
                    const char *error) {
   struct attempt_ids t;
   const char *params[5] = {t.id, t.att, t.wid, outcome, error};
 
   attempt_ids(&t, c);
-  int fallback = 0;
+  int refused = 0;
   for (;;) {
+    if (!s->conn || PQstatus(s->conn) != CONNECTION_OK ||
+        PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+        PQtransactionStatus(s->conn) != PQTRANS_IDLE) {
+      if (pgr_txn_connect(s) != 0) {
+        c->done = PGR_DONE_LOST; /* stopping: recovery will see to it */
+        return;
+      }
+    }
     PGresult *res =
         PQexecPrepared(s->conn, "pgr_finish", 5, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 0) {
-        c->done = PGR_DONE_LOST;
+        /* Not running as ours: someone else's now, or our attempt did
+           commit after all (a COMMIT whose session was dropped can still
+           complete while we reconnect). */
+        c->done = check_row(s, c) == A_OK ? PGR_DONE_SUCCEEDED : PGR_DONE_LOST;
       } else {
         const char *st = PQgetvalue(res, 0, 0);
         c->retry_at_ms = atoll(PQgetvalue(res, 0, 1));
@@ -497,23 +586,29 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
       return;
     }
     char err[1024];
+    int lost = session_lost(s->conn, res);
     pgr_db_describe_error(res, s->conn, err, sizeof err);
     PQclear(res);
-    if (PQstatus(s->conn) != CONNECTION_BAD) {
-      pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
-                PGR_LS("error", err));
-      /* Never leave the task running under a live worker (recovery would
-         not touch it): record the failure with a message the server
-         cannot refuse. */
-      if (fallback++ == 0) {
-        params[4] = "the failure message could not be stored; see the "
-                    "worker's log";
-        continue;
+    if (lost) {
+      pgr_warn("database connection lost while recording a failed attempt; "
+               "reconnecting", PGR_LI("task", c->id), PGR_LS("error", err));
+      if (pgr_txn_connect(s) != 0) {
+        c->done = PGR_DONE_LOST;
+        return;
       }
-      c->done = PGR_DONE_LOST;
-      return;
+      continue;
     }
-    if (pgr_txn_connect(s) != 0) {
+    pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
+              PGR_LS("error", err));
+    /* Never leave the task running under a live worker (recovery would
+       not touch it): record the failure with a message the server
+       cannot refuse. */
+    if (refused++ == 0) {
+      params[4] = "the failure message could not be stored; see the "
+                  "worker's log";
+      continue;
+    }
+    if (refused >= FAULT_TRIES) {
       c->done = PGR_DONE_LOST;
       return;
     }
