@@ -109,6 +109,37 @@ static char *printable(const char *msg) {
   return b.data;
 }
 
+/* `no handler for kind "K"`, with K quoted so that it stays on one line
+   whatever a producer put in it: a backslash, a double quote and control
+   characters come out as C-style escapes (a raw newline in last_error
+   would end a line of `status`, or of a log, in the middle). */
+static char *no_handler_msg(const char *kind) {
+  struct pgr_buf b;
+  pgr_buf_init(&b);
+  pgr_buf_add(&b, "no handler for kind \"", 21);
+  for (const unsigned char *p = (const unsigned char *)kind; *p; p++) {
+    char esc[8];
+    if (*p == '\\' || *p == '"') {
+      esc[0] = '\\';
+      esc[1] = (char)*p;
+      pgr_buf_add(&b, esc, 2);
+    } else if (*p == '\n') {
+      pgr_buf_add(&b, "\\n", 2);
+    } else if (*p == '\r') {
+      pgr_buf_add(&b, "\\r", 2);
+    } else if (*p == '\t') {
+      pgr_buf_add(&b, "\\t", 2);
+    } else if (*p < 0x20 || *p == 0x7f) {
+      snprintf(esc, sizeof esc, "\\x%02x", *p);
+      pgr_buf_add(&b, esc, 4);
+    } else {
+      pgr_buf_addc(&b, (char)*p);
+    }
+  }
+  pgr_buf_addc(&b, '"');
+  return b.data;
+}
+
 static void set_msg(struct attempt *a, enum attempt_result r, const char *msg) {
   a->r = r;
   free(a->msg);
@@ -383,9 +414,9 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     PGresult *res = PQexec(conn, q);
     if (PQresultStatus(res) == PGRES_TUPLES_OK &&
         strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
-      char m[512];
-      snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+      char *m = no_handler_msg(c->kind);
       set_msg(a, A_PERMANENT, m);
+      free(m);
     }
     PQclear(res);
   } else if (strcmp(state, "PR002") == 0) {
@@ -711,9 +742,9 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
     PQfreemem(fn);
     run_pipeline(s, c, call_sql, PIPE_OPEN | PIPE_CLOSE, &a);
   } else {
-    char m[512];
-    snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+    char *m = no_handler_msg(c->kind);
     set_msg(&a, A_PERMANENT, m);
+    free(m);
   }
 
   if (a.r == A_CONNLOST) {
