@@ -315,10 +315,7 @@ static int pipeline_results(PGconn *conn, int n, struct attempt *a,
    did with it is unknown, and the session, still in pipeline mode with
    results pending, can run nothing more (not even ROLLBACK). The attempt
    is found out on a fresh session. */
-static void pipeline_broken(PGconn *conn, struct attempt *a) {
-  (void)conn;
-  a->r = A_CONNLOST;
-}
+static void pipeline_broken(struct attempt *a) { a->r = A_CONNLOST; }
 
 /* What one pipeline of an attempt carries (run_pipeline). */
 enum {
@@ -425,7 +422,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   }
   return;
 broken:
-  pipeline_broken(conn, a);
+  pipeline_broken(a);
 }
 
 static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
