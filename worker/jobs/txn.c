@@ -109,20 +109,18 @@ static char *printable(const char *msg) {
   return b.data;
 }
 
-/* `no handler for kind "K"`, with K quoted so that it stays on one line
-   whatever a producer put in it: a backslash, a double quote and control
-   characters come out as C-style escapes (a raw newline in last_error
-   would end a line of `status`, or of a log, in the middle). */
+/* `no handler for kind "K"`, with K kept on one line whatever a producer
+   put in it: control characters come out as C-style escapes (a raw
+   newline in last_error would end a line of `status`, or of a log, in the
+   middle), and so does a backslash, so that an escape is never ambiguous. */
 static char *no_handler_msg(const char *kind) {
   struct pgr_buf b;
   pgr_buf_init(&b);
   pgr_buf_add(&b, "no handler for kind \"", 21);
   for (const unsigned char *p = (const unsigned char *)kind; *p; p++) {
     char esc[8];
-    if (*p == '\\' || *p == '"') {
-      esc[0] = '\\';
-      esc[1] = (char)*p;
-      pgr_buf_add(&b, esc, 2);
+    if (*p == '\\') {
+      pgr_buf_add(&b, "\\\\", 2);
     } else if (*p == '\n') {
       pgr_buf_add(&b, "\\n", 2);
     } else if (*p == '\r') {
