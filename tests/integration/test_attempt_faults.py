@@ -2,16 +2,20 @@
 (issue 12, "A killed connection strands tasks as running").
 
 `pg_terminate_backend`, as a DBA or a failover does it, ends a worker
-thread's session while it is at a chosen point of an attempt: idle before
-the attempt's pipeline, inside lock_attempt, inside the job (a SQL function
-or a C handler of tests/plugins), inside complete_attempt, at COMMIT (rolled
-back), and at COMMIT after it committed locally (its answer lost). Each
-point is reached deterministically: the session blocks on a lock the test
-holds (an advisory lock taken by a trigger or by the job, or the ACCESS
-EXCLUSIVE lock on pgrunner.cancel_requests that lock_attempt reads), or
-waits for a synchronous standby that does not exist; the test finds it in
-pg_locks / pg_stat_activity, checks which statement it is in, terminates it
-and waits for it to be gone, and only then lets go of the lock.
+thread's session while it is at a chosen point of an attempt: before BEGIN
+is processed (ended while idle, the end held by a TCP proxy until the
+attempt's pipeline was sent), inside lock_attempt, inside the job (a SQL
+function or a C handler of tests/plugins), inside complete_attempt, at
+COMMIT (rolled back), at COMMIT after it committed locally (waiting for a
+synchronous standby; its answer lost), and with a pipeline run but its Sync
+held back by the proxy (after COMMIT, or after a C handler's opening
+pair), where the FATAL arrives as the pipeline's last answer. Each point is
+reached deterministically: the session blocks on a lock the test holds (an
+advisory lock taken by a trigger or by the job, or the ACCESS EXCLUSIVE
+lock on pgrunner.cancel_requests that lock_attempt reads), waits for a
+standby that does not exist, or waits for the held Sync; the test finds it
+in pg_locks / pg_stat_activity, checks which statement it is in,
+terminates it and waits for it to be gone, and only then lets go.
 
 Every task must end succeeded with its effect once (the effect tables have
 a PRIMARY KEY on the task's key, so a second committed run could not
@@ -226,11 +230,14 @@ def no_standby(pg):
         admin.close()
 
 
-PHASES = ["begin", "lock", "job", "complete", "commit", "commit_sent"]
+PHASES = ["begin", "lock", "job", "complete", "commit", "commit_sent",
+          "sync", "open_sync"]
 
 
-@pytest.mark.parametrize("kind", ["sql", "c"])
-@pytest.mark.parametrize("phase", PHASES)
+# A SQL task's attempt is one pipeline: its "open_sync" is "sync".
+@pytest.mark.parametrize("phase,kind", [
+    (p, k) for p in PHASES for k in ("sql", "c")
+    if (p, k) != ("open_sync", "sql")])
 def test_session_terminated_in_each_phase(jdb, workers, request, tcp_proxy,
                                           pg, kind, phase):
     db = jdb
@@ -265,11 +272,37 @@ def test_session_terminated_in_each_phase(jdb, workers, request, tcp_proxy,
             find = lambda: blocked_on_cancel_requests(db)
         elif phase == "commit_sent":
             find = lambda: waiting_for_standby(db)
+        elif phase in ("sync", "open_sync"):
+            # sync: after COMMIT, before the Sync that closes the pipeline:
+            # the attempt committed, and its session ends before it
+            # answers (its results and the FATAL arrive together).
+            # open_sync: the same after a C handler's opening pipeline
+            # (BEGIN and the lock): nothing committed.
+            (pid,) = thread_pids(w).values()
+            port = db.scalar("SELECT client_port FROM pg_stat_activity"
+                             " WHERE pid = %s", (pid,))
+            proxy.hold_sync(port, marker=b"COMMIT" if phase == "sync"
+                            else b"pgr_lock")
+            find = None
         else:
             hc.execute("SELECT pg_advisory_lock(4242, %s)",
                        (ADVISORY[phase],))
             find = lambda: blocked_on_advisory(db, ADVISORY[phase])
         tid = add(db, task_kind, payload, max_attempts=3)
+        if phase == "sync":
+            wait(db, lambda: proxy.sync_is_held(port) and db.scalar(
+                "SELECT state = 'succeeded' FROM pgrunner.tasks"
+                " WHERE id = %s", (tid,)), "the attempt to commit", w)
+        if phase == "open_sync":
+            # Its last statement ran: it waits for the next message.
+            wait(db, lambda: proxy.sync_is_held(port) and db.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+                " AND query LIKE '%%lock_attempt%%'"
+                " AND wait_event = 'ClientRead'", (pid,)),
+                "the lock to be taken", w)
+        if phase in ("sync", "open_sync"):
+            terminate(db, pid)
+            proxy.hold_sync(port, False)
         if phase == "begin":
             wait(db, lambda: proxy.held_from_client(port) > 0,
                  "the attempt to be sent", w)
@@ -295,10 +328,10 @@ def test_session_terminated_in_each_phase(jdb, workers, request, tcp_proxy,
     assert db.scalar(effect, (key,)) == 1
     # A COMMIT that went through spends one attempt; anything else is
     # one failed attempt, then one that succeeds.
-    assert t[1] == (1 if phase == "commit_sent" else 2), t
+    assert t[1] == (1 if phase in ("commit_sent", "sync") else 2), t
     assert db.scalar("SELECT count(*) FROM pgrunner.tasks"
                      " WHERE state = 'running'") == 0
-    if phase != "commit_sent":
+    if phase not in ("commit_sent", "sync"):
         assert "database connection lost during a task" in w.output()
     # The worker goes on with a healthy session.
     tid2 = add(db, task_kind, {"k": key + "-after", "v": key + "-after"})

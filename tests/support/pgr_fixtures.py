@@ -324,6 +324,10 @@ def new_db(server, migrate=True):
     return d
 
 
+# The protocol's Sync message: 'S' and its length, 4.
+SYNC_MSG = b"S\x00\x00\x00\x04"
+
+
 class TcpProxy:
     """A TCP proxy on 127.0.0.1 in front of one upstream address, whose
     connections a test can cut (both sides closed at once, as when a
@@ -339,6 +343,8 @@ class TcpProxy:
         self.frozen = False
         self.held = set()        # hold(): (port, from_client) frozen
         self.held_bytes = {}     # port -> bytes from the client held
+        self.sync_held = {}      # hold_sync(): port -> None or held bytes
+        self.sync_marker = {}    # hold_sync(): port -> bytes to look for
         self.accepted = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -387,6 +393,16 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if from_client and port in self.sync_held and \
+                        self.sync_held[port] is None and \
+                        data.endswith(SYNC_MSG) and \
+                        self.sync_marker.get(port, b"COMMIT") in data:
+                    # The pipeline passes, all but its closing Sync.
+                    dst.sendall(data[:-len(SYNC_MSG)])
+                    self.sync_held[port] = data[-len(SYNC_MSG):]
+                    while port in self.sync_held and pair in self.pairs:
+                        time.sleep(0.01)
+                    data = data[-len(SYNC_MSG):]
                 held = (port, from_client) in self.held
                 if held and from_client:
                     with self.lock:
@@ -446,6 +462,19 @@ class TcpProxy:
                 self.held.add((port, d))
             elif chosen:
                 self.held.discard((port, d))
+
+    def hold_sync(self, port, on=True, marker=b"COMMIT"):
+        """On the connection of `port`, hold back the Sync that closes
+        the next pipeline whose bytes contain `marker`: the server runs
+        the pipeline but does not answer it (it answers at the Sync)."""
+        if on:
+            self.sync_marker[port] = marker
+            self.sync_held[port] = None
+        else:
+            self.sync_held.pop(port, None)
+
+    def sync_is_held(self, port):
+        return self.sync_held.get(port) is not None
 
     def held_from_client(self, port):
         """Bytes the client sent on a held connection, not passed on."""
