@@ -721,7 +721,7 @@ def test_status_counts_workers_and_failures(mdb, workers):
     assert queues["default"].get("failed") == 1
     assert st["live_workers"] >= 1
     fails = st["recent_failures"]
-    hit = [x for x in fails if x["id"] == f]
+    hit = [x for x in fails if x["id"] == str(f)]
     assert hit and hit[0]["last_error"] == 'no handler for kind "nope"', fails
 
     r = run_pgrunner(["status", "--db", mdb.dsn])
@@ -736,6 +736,42 @@ def test_status_counts_workers_and_failures(mdb, workers):
     r = run_pgrunner(["status", "--json", "--db", mdb.dsn])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["live_workers"] == 0
+
+
+def test_status_json_ids_are_strings(mdb):
+    """Worker ids are random 63-bit numbers and a task id may be any
+    bigint: as JSON numbers, jq and JavaScript would round them (2^53 + 1
+    reads back as 2^53), so `status --json` gives every id as a string."""
+    big = 2**53 + 1
+    mdb.query("INSERT INTO pgrunner.workers (id, name, host, pid, queues,"
+              " concurrency) VALUES (%s, 'pgrunner/big', 'h', 1,"
+              " '{default}', 1)", (big,))
+    mdb.query("INSERT INTO pgrunner.tasks (id, kind, state, attempts,"
+              " started_at, finished_at, last_error) VALUES (%s, 'x',"
+              " 'failed', 1, now(), now(), 'boom')", (big + 2,))
+    r = run_pgrunner(["status", "--json", "--db", mdb.dsn])
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert [w["id"] for w in st["workers"]] == [str(big)], st["workers"]
+    assert [f["id"] for f in st["recent_failures"]] == [str(big + 2)], st
+    # What a JSON reader that turns numbers into doubles would see.
+    assert str(big) in r.stdout and str(big + 2) in r.stdout
+
+
+def test_no_handler_message_quotes_the_kind_on_one_line(mdb, workers):
+    """last_error is printable (SPEC 3): a kind with a newline, a tab or
+    another control character in it comes back escaped (and a backslash,
+    so that escapes are not ambiguous), so the message stays one line
+    wherever it is shown."""
+    odd = 'a\nb\t"c"\\\x01'
+    tid = mdb.scalar("INSERT INTO pgrunner.tasks (kind) VALUES (%s)"
+                     " RETURNING id", (odd,))
+    w = workers(mdb)
+    wait_state(mdb, tid, "failed")
+    err = row(mdb, tid)["last_error"]
+    assert err == 'no handler for kind "a\\nb\\t"c"\\\\\\x01"', err
+    assert all(ch >= " " for ch in err), repr(err)
+    assert w.stop() == 0
 
 
 def test_status_counts_are_bounded_and_say_so(mdb):

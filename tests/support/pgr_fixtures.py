@@ -340,6 +340,10 @@ def new_db(server, migrate=True):
     return d
 
 
+# The protocol's Sync message: 'S' and its length, 4.
+SYNC_MSG = b"S\x00\x00\x00\x04"
+
+
 class TcpProxy:
     """A TCP proxy on 127.0.0.1 in front of one upstream address, whose
     connections a test can cut (both sides closed at once, as when a
@@ -353,6 +357,10 @@ class TcpProxy:
         self.pairs = []
         self.refusing = False
         self.frozen = False
+        self.held = set()        # hold(): (port, from_client) frozen
+        self.held_bytes = {}     # port -> bytes from the client held
+        self.sync_held = {}      # hold_sync(): port -> None or held bytes
+        self.sync_marker = {}    # hold_sync(): port -> bytes to look for
         self.accepted = 0
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -384,22 +392,42 @@ class TcpProxy:
                 client.close()
                 continue
             pair = (client, server)
+            # The port the server sees as the client's (client_port in
+            # pg_stat_activity): how a test names one connection.
+            port = server.getsockname()[1]
             with self.lock:
                 self.pairs.append(pair)
                 self.accepted += 1
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b, pair),
+                threading.Thread(target=self._pump,
+                                 args=(a, b, pair, port, a is client),
                                  daemon=True).start()
 
-    def _pump(self, src, dst, pair):
+    def _pump(self, src, dst, pair, port, from_client):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if from_client and port in self.sync_held and \
+                        self.sync_held[port] is None and \
+                        data.endswith(SYNC_MSG) and \
+                        self.sync_marker.get(port, b"COMMIT") in data:
+                    # The pipeline passes, all but its closing Sync.
+                    dst.sendall(data[:-len(SYNC_MSG)])
+                    self.sync_held[port] = data[-len(SYNC_MSG):]
+                    while port in self.sync_held and pair in self.pairs:
+                        time.sleep(0.01)
+                    data = data[-len(SYNC_MSG):]
+                held = (port, from_client) in self.held
+                if held and from_client:
+                    with self.lock:
+                        self.held_bytes[port] = \
+                            self.held_bytes.get(port, 0) + len(data)
                 # Frozen: hold what arrived (the sender's writes succeed,
                 # nothing reaches the other side) until thawed or cut.
-                while self.frozen and pair in self.pairs:
+                while (self.frozen or (port, from_client) in self.held) \
+                        and pair in self.pairs:
                     time.sleep(0.01)
                 dst.sendall(data)
         except OSError:
@@ -440,6 +468,34 @@ class TcpProxy:
         """While on, bytes are read from both sides but not passed on: a
         network path that went silent without closing."""
         self.frozen = on
+
+    def hold(self, port, on=True, up=True, down=True):
+        """freeze() for the one connection whose server-side port is
+        `port` (pg_stat_activity.client_port), in the directions chosen:
+        up (client to server), down (server to client)."""
+        for d, chosen in ((True, up), (False, down)):
+            if chosen and on:
+                self.held.add((port, d))
+            elif chosen:
+                self.held.discard((port, d))
+
+    def hold_sync(self, port, on=True, marker=b"COMMIT"):
+        """On the connection of `port`, hold back the Sync that closes
+        the next pipeline whose bytes contain `marker`: the server runs
+        the pipeline but does not answer it (it answers at the Sync)."""
+        if on:
+            self.sync_marker[port] = marker
+            self.sync_held[port] = None
+        else:
+            self.sync_held.pop(port, None)
+
+    def sync_is_held(self, port):
+        return self.sync_held.get(port) is not None
+
+    def held_from_client(self, port):
+        """Bytes the client sent on a held connection, not passed on."""
+        with self.lock:
+            return self.held_bytes.get(port, 0)
 
     def refuse(self, on=True):
         """While on, accept and at once close new connections."""

@@ -164,10 +164,14 @@ static void print_json(PGresult *counts, PGresult *workers,
         totals, st,
         json_integer(json_integer_value(json_object_get(totals, st)) + c));
   }
+  /* Ids are bigint: as JSON numbers, jq and JavaScript would round those
+     above 2^53 (every worker id is a random 63-bit number; a task id can
+     be any bigint a producer inserts). They are strings, as in the
+     database's own text form. */
   for (int i = 0; i < PQntuples(workers); i++)
     json_array_append_new(
-        ws, json_pack("{s:I,s:s,s:s,s:i,s:s,s:i,s:s,s:f}", "id",
-                      (json_int_t)atoll(PQgetvalue(workers, i, 0)), "name",
+        ws, json_pack("{s:s,s:s,s:s,s:i,s:s,s:i,s:s,s:f}", "id",
+                      PQgetvalue(workers, i, 0), "name",
                       PQgetvalue(workers, i, 1), "host",
                       PQgetvalue(workers, i, 2), "pid",
                       atoi(PQgetvalue(workers, i, 3)), "queues",
@@ -177,8 +181,8 @@ static void print_json(PGresult *counts, PGresult *workers,
                       atof(PQgetvalue(workers, i, 7))));
   for (int i = 0; i < PQntuples(failures); i++)
     json_array_append_new(
-        fs, json_pack("{s:I,s:s,s:s,s:i,s:s,s:s}", "id",
-                      (json_int_t)atoll(PQgetvalue(failures, i, 0)), "kind",
+        fs, json_pack("{s:s,s:s,s:s,s:i,s:s,s:s}", "id",
+                      PQgetvalue(failures, i, 0), "kind",
                       PQgetvalue(failures, i, 1), "queue",
                       PQgetvalue(failures, i, 2), "attempts",
                       atoi(PQgetvalue(failures, i, 3)), "finished_at",

@@ -30,6 +30,13 @@
  * an attempt is whichever the pooler lent it, so its pid (for the loop's
  * pg_cancel_backend) is read in the attempt's first statement, not at
  * connect (behind a pooler PQbackendPID() is not a server pid at all).
+ *
+ * "Dropped" means any session we cannot vouch for: closed, a FATAL error
+ * (the server ends the session after it, but libpq may not have read the
+ * end yet), a pipeline not read back whole, a ROLLBACK that did not run.
+ * Such a session is never used again: the attempt is found out and
+ * recorded on a fresh one, since a task left running under a live worker
+ * is one that recovery never touches.
  */
 #include <poll.h>
 #include <stdio.h>
@@ -121,6 +128,35 @@ static char *printable(const char *msg) {
   return b.data;
 }
 
+/* `no handler for kind "K"`, with K kept on one line whatever a producer
+   put in it: control characters come out as C-style escapes (a raw
+   newline in last_error would end a line of `status`, or of a log, in the
+   middle), and so does a backslash, so that an escape is never ambiguous. */
+static char *no_handler_msg(const char *kind) {
+  struct pgr_buf b;
+  pgr_buf_init(&b);
+  pgr_buf_add(&b, "no handler for kind \"", 21);
+  for (const unsigned char *p = (const unsigned char *)kind; *p; p++) {
+    char esc[8];
+    if (*p == '\\') {
+      pgr_buf_add(&b, "\\\\", 2);
+    } else if (*p == '\n') {
+      pgr_buf_add(&b, "\\n", 2);
+    } else if (*p == '\r') {
+      pgr_buf_add(&b, "\\r", 2);
+    } else if (*p == '\t') {
+      pgr_buf_add(&b, "\\t", 2);
+    } else if (*p < 0x20 || *p == 0x7f) {
+      snprintf(esc, sizeof esc, "\\x%02x", *p);
+      pgr_buf_add(&b, esc, 4);
+    } else {
+      pgr_buf_addc(&b, (char)*p);
+    }
+  }
+  pgr_buf_addc(&b, '"');
+  return b.data;
+}
+
 static void set_msg(struct attempt *a, enum attempt_result r, const char *msg) {
   a->r = r;
   free(a->msg);
@@ -130,6 +166,22 @@ static void set_msg(struct attempt *a, enum attempt_result r, const char *msg) {
 static const char *sqlstate_of(const PGresult *res) {
   const char *s = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
   return s ? s : "";
+}
+
+/* An error after which the server ends the session (a terminated backend,
+   a shutdown), whether or not libpq has seen the socket close yet. */
+static int session_ending(const PGresult *res) {
+  const char *sev =
+      res ? PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED) : NULL;
+  return sev && (strcmp(sev, "FATAL") == 0 || strcmp(sev, "PANIC") == 0);
+}
+
+/* Can this session, after a statement that failed with `res`, be used
+   for anything more? Not if it is closed or closing, or still in a
+   pipeline (where plain commands cannot run). */
+static int session_lost(PGconn *conn, const PGresult *res) {
+  return res == NULL || PQstatus(conn) != CONNECTION_OK ||
+         PQpipelineStatus(conn) != PQ_PIPELINE_OFF || session_ending(res);
 }
 
 int pgr_txn_connect(struct pgr_slot *s) {
@@ -166,7 +218,10 @@ int pgr_txn_connect(struct pgr_slot *s) {
   s->conn = conn;
   p->connected++;
   uv_mutex_unlock(&p->mu);
-  pgr_debug("worker connected", PGR_LI("thread", s->index));
+  /* Behind a pooler this pid is the pooler's own; the attempt reads the
+     real one (send_settings). Logged for tests that pick a session. */
+  pgr_debug("worker connected", PGR_LI("thread", s->index),
+            PGR_LI("backend_pid", PQbackendPID(conn)));
   return 0;
 }
 
@@ -221,6 +276,10 @@ static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
     PGresult *res;
     while ((res = PQgetResult(conn)) != NULL) {
       ExecStatusType st = PQresultStatus(res);
+      if (session_ending(res)) {
+        PQclear(res);
+        return -1;
+      }
       if (st == PGRES_TUPLES_OK && PQntuples(res) == 1) {
         if (i == settings)
           set_backend_pid(s, atoi(PQgetvalue(res, 0, 0)));
@@ -248,17 +307,11 @@ static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
   return failed;
 }
 
-/* A pipeline that could not be sent or read back whole. */
-static void pipeline_broken(PGconn *conn, struct attempt *a) {
-  if (PQpipelineStatus(conn) != PQ_PIPELINE_OFF)
-    PQexitPipelineMode(conn);
-  if (PQstatus(conn) == CONNECTION_BAD) {
-    a->r = A_CONNLOST;
-  } else {
-    set_msg(a, A_RETRY, PQerrorMessage(conn));
-    (void)command(conn, "ROLLBACK");
-  }
-}
+/* A pipeline that could not be sent or read back whole: what the server
+   did with it is unknown, and the session, still in pipeline mode with
+   results pending, can run nothing more (not even ROLLBACK). The attempt
+   is found out on a fresh session. */
+static void pipeline_broken(struct attempt *a) { a->r = A_CONNLOST; }
 
 /* What one pipeline of an attempt carries (run_pipeline). */
 enum {
@@ -325,9 +378,9 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_OK;
     return;
   }
-  /* Anything but a failed COMMIT leaves an aborted transaction block. */
-  if (failed != step_commit && command(conn, "ROLLBACK") != 0 &&
-      PQstatus(conn) == CONNECTION_BAD) {
+  /* Anything but a failed COMMIT leaves an aborted transaction block; a
+     session that cannot even roll back is not to be trusted further. */
+  if (failed != step_commit && command(conn, "ROLLBACK") != 0) {
     a->r = A_CONNLOST;
     return;
   }
@@ -351,9 +404,9 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     PGresult *res = PQexec(conn, q);
     if (PQresultStatus(res) == PGRES_TUPLES_OK &&
         strcmp(PQgetvalue(res, 0, 0), "t") == 0) {
-      char m[512];
-      snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+      char *m = no_handler_msg(c->kind);
       set_msg(a, A_PERMANENT, m);
+      free(m);
     }
     PQclear(res);
   } else if (strcmp(state, "PR002") == 0) {
@@ -362,7 +415,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   }
   return;
 broken:
-  pipeline_broken(conn, a);
+  pipeline_broken(a);
 }
 
 /* The noop's attempt: the settings and the mark, one pipeline without a
@@ -395,7 +448,7 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
     a->r = marked ? A_OK : A_CANCELLED;
   return;
 broken:
-  pipeline_broken(conn, a);
+  pipeline_broken(a);
 }
 
 /* pgr_job callbacks for C handlers. */
@@ -427,7 +480,11 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
   if (a->r != A_OK)
     return;
   enum pgr_outcome o = h->fn(&job, h->arg);
-  if (PQstatus(s->conn) == CONNECTION_BAD) {
+  /* The handler had the session: it may have been terminated under it
+     (its own statement then failed), or left in a pipeline. */
+  if (PQstatus(s->conn) != CONNECTION_OK ||
+      PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+      PQtransactionStatus(s->conn) == PQTRANS_ACTIVE) {
     a->r = A_CONNLOST;
     goto out;
   }
@@ -437,8 +494,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
      records the interruption as it does for SQL tasks. */
   if (o == PGR_SUCCESS && pgr_slot_interrupt(s) != PGR_INT_NONE) {
     set_msg(a, A_RETRY, "interrupted while the handler ran");
-    if (command(s->conn, "ROLLBACK") != 0 &&
-        PQstatus(s->conn) == CONNECTION_BAD)
+    if (command(s->conn, "ROLLBACK") != 0)
       a->r = A_CONNLOST;
     goto out;
   }
@@ -453,25 +509,40 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     set_msg(a, o == PGR_PERMANENT ? A_PERMANENT : A_RETRY,
             jp.error ? jp.error : "handler failed");
   }
-  if (command(s->conn, "ROLLBACK") != 0 && PQstatus(s->conn) == CONNECTION_BAD)
+  if (command(s->conn, "ROLLBACK") != 0)
     a->r = A_CONNLOST;
 out:
   free(jp.error);
 }
 
-/* After a dropped connection: did our attempt commit? */
-static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
-  char id[32];
+/* How many times a statement of the rare paths below is tried again after
+   an error that is not the session's loss (a refusal, a lock timeout...),
+   before the thread gives up on the attempt. */
+#define FAULT_TRIES 5
+
+/* Is the task's row our attempt, and in which state? On a fresh session
+   if the current one is gone. Returns A_OK (our attempt committed),
+   A_RETRY (still running as ours: nothing committed), A_LOST (someone
+   else's now, or stopping). */
+static enum attempt_result check_row(struct pgr_slot *s,
+                                     const struct pgr_claim *c) {
+  char id[32], err[1024];
   const char *params[1] = {id};
-  enum attempt_result r = A_LOST;
+  int refused = 0;
 
   snprintf(id, sizeof id, "%lld", (long long)c->id);
   for (;;) {
-    if (pgr_txn_connect(s) != 0)
-      return A_LOST; /* stopping: recovery will see to the task */
+    if (!s->conn || PQstatus(s->conn) != CONNECTION_OK ||
+        PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+        PQtransactionStatus(s->conn) != PQTRANS_IDLE) {
+      if (pgr_txn_connect(s) != 0)
+        return A_LOST; /* stopping: recovery will see to the task */
+    }
+    /* Unnamed, so planned for the table as it is now; a rare path. */
     PGresult *res =
         PQexecParams(s->conn, check_sql, 1, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
+      enum attempt_result r = A_LOST;
       if (PQntuples(res) == 1 && atoi(PQgetvalue(res, 0, 1)) == c->attempt &&
           atoll(PQgetvalue(res, 0, 2)) == c->worker_id) {
         const char *st = PQgetvalue(res, 0, 0);
@@ -483,26 +554,56 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
       PQclear(res);
       return r;
     }
+    int lost = session_lost(s->conn, res);
+    pgr_db_describe_error(res, s->conn, err, sizeof err);
     PQclear(res);
-    if (PQstatus(s->conn) != CONNECTION_BAD)
+    if (lost) {
+      if (pgr_txn_connect(s) != 0)
+        return A_LOST;
+    } else if (++refused >= FAULT_TRIES) {
+      pgr_error("cannot read the task after a lost connection",
+                PGR_LI("task", c->id), PGR_LS("error", err));
       return A_LOST;
+    }
   }
 }
 
-/* Record a failed attempt; sets c->done and c->retry_at_ms. */
+/* After a dropped connection: did our attempt commit? The session that
+   ran it is never reused (see the top of the file). */
+static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
+  if (pgr_txn_connect(s) != 0)
+    return A_LOST; /* stopping: recovery will see to the task */
+  return check_row(s, c);
+}
+
+/* Record a failed attempt; sets c->done and c->retry_at_ms. A session that
+   is lost meanwhile is replaced and the record tried again: it checks
+   (task, state, attempt, worker), so a record that did commit before the
+   reply was lost is not made twice. */
 static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
                    const char *error) {
   struct attempt_ids t;
   const char *params[5] = {t.id, t.att, t.wid, outcome, error};
 
   attempt_ids(&t, c);
-  int fallback = 0;
+  int refused = 0;
   for (;;) {
+    if (!s->conn || PQstatus(s->conn) != CONNECTION_OK ||
+        PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF ||
+        PQtransactionStatus(s->conn) != PQTRANS_IDLE) {
+      if (pgr_txn_connect(s) != 0) {
+        c->done = PGR_DONE_LOST; /* stopping: recovery will see to it */
+        return;
+      }
+    }
     PGresult *res =
         PQexecParams(s->conn, finish_sql, 5, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 0) {
-        c->done = PGR_DONE_LOST;
+        /* Not running as ours: someone else's now, or our attempt did
+           commit after all (a COMMIT whose session was dropped can still
+           complete while we reconnect). */
+        c->done = check_row(s, c) == A_OK ? PGR_DONE_SUCCEEDED : PGR_DONE_LOST;
       } else {
         const char *st = PQgetvalue(res, 0, 0);
         c->retry_at_ms = atoll(PQgetvalue(res, 0, 1));
@@ -519,23 +620,29 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
       return;
     }
     char err[1024];
+    int lost = session_lost(s->conn, res);
     pgr_db_describe_error(res, s->conn, err, sizeof err);
     PQclear(res);
-    if (PQstatus(s->conn) != CONNECTION_BAD) {
-      pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
-                PGR_LS("error", err));
-      /* Never leave the task running under a live worker (recovery would
-         not touch it): record the failure with a message the server
-         cannot refuse. */
-      if (fallback++ == 0) {
-        params[4] = "the failure message could not be stored; see the "
-                    "worker's log";
-        continue;
+    if (lost) {
+      pgr_warn("database connection lost while recording a failed attempt; "
+               "reconnecting", PGR_LI("task", c->id), PGR_LS("error", err));
+      if (pgr_txn_connect(s) != 0) {
+        c->done = PGR_DONE_LOST;
+        return;
       }
-      c->done = PGR_DONE_LOST;
-      return;
+      continue;
     }
-    if (pgr_txn_connect(s) != 0) {
+    pgr_error("cannot record failed attempt", PGR_LI("task", c->id),
+              PGR_LS("error", err));
+    /* Never leave the task running under a live worker (recovery would
+       not touch it): record the failure with a message the server
+       cannot refuse. */
+    if (refused++ == 0) {
+      params[4] = "the failure message could not be stored; see the "
+                  "worker's log";
+      continue;
+    }
+    if (refused >= FAULT_TRIES) {
       c->done = PGR_DONE_LOST;
       return;
     }
@@ -638,9 +745,9 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
     PQfreemem(fn);
     run_pipeline(s, c, call_sql, PIPE_OPEN | PIPE_CLOSE, &a);
   } else {
-    char m[512];
-    snprintf(m, sizeof m, "no handler for kind \"%s\"", c->kind);
+    char *m = no_handler_msg(c->kind);
     set_msg(&a, A_PERMANENT, m);
+    free(m);
   }
 
   if (a.r == A_CONNLOST) {
