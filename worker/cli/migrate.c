@@ -8,6 +8,13 @@
  * each transaction first takes a transaction-scoped advisory lock, so they
  * queue up, and the second finds the work done. A failed migration rolls
  * back whole and leaves the recorded version where it was.
+ *
+ * After the migrations, every run calls pgrunner.setup_roles() (0007): it
+ * creates the roles pgrunner_producer and pgrunner_worker if missing and
+ * grants them their privileges again, so functions of later migrations are
+ * covered. A user without CREATEROLE gets a warning naming the missing
+ * roles and exit 0: the schema is usable by its owner, and the roles can be
+ * created by someone who may and migrate run again.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -107,6 +114,51 @@ out:
   return rc;
 }
 
+/* pgrunner.setup_roles(), under the migration lock (concurrent GRANTs on
+   one object fail), when this user owns the schema: a worker's login that
+   runs migrate at start finds the schema up to date and has nothing to
+   grant. A role it could not create is a warning. */
+static int setup_roles(PGconn *conn, char *errbuf, size_t errlen) {
+  PGresult *res = NULL;
+  int rc;
+
+  if ((rc = pgr_db_command(conn, "BEGIN", errbuf, errlen)) != 0)
+    return rc;
+  if ((rc = pgr_db_command(conn, MIGRATE_LOCK, errbuf, errlen)) != 0)
+    goto out;
+  res = pgr_db_exec(conn,
+                    "SELECT pg_has_role(n.nspowner, 'USAGE') "
+                    "FROM pg_namespace n WHERE n.nspname = 'pgrunner'",
+                    0, NULL, errbuf, errlen, NULL);
+  if (res == NULL) {
+    rc = PGR_EDB;
+    goto out;
+  }
+  int owner = PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == 't';
+  PQclear(res);
+  res = NULL;
+  if (owner) {
+    res = pgr_db_exec(conn, "SELECT pgrunner.setup_roles()", 0, NULL, errbuf,
+                      errlen, NULL);
+    if (res == NULL) {
+      rc = PGR_EDB;
+      goto out;
+    }
+    if (!PQgetisnull(res, 0, 0))
+      pgr_warn("roles not set up", PGR_LS("reason", PQgetvalue(res, 0, 0)));
+  } else {
+    pgr_debug("roles left alone: this user does not own the schema");
+  }
+  rc = pgr_db_command(conn, "COMMIT", errbuf, errlen);
+out:
+  PQclear(res);
+  if (rc != 0) {
+    char ignore[256];
+    (void)pgr_db_command(conn, "ROLLBACK", ignore, sizeof ignore);
+  }
+  return rc;
+}
+
 int pgr_cmd_migrate(const struct pgr_config *cfg) {
   PGconn *conn = NULL;
   char err[2048];
@@ -117,6 +169,8 @@ int pgr_cmd_migrate(const struct pgr_config *cfg) {
                            sizeof err)) != 0)
     goto out;
   if ((rc = pgr_migrate_conn(conn, &applied, err, sizeof err)) != 0)
+    goto out;
+  if ((rc = setup_roles(conn, err, sizeof err)) != 0)
     goto out;
   pgr_info(applied ? "schema migrated" : "schema up to date",
            PGR_LI("version", pgr_migrate_latest()),
