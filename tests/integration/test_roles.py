@@ -222,6 +222,30 @@ def test_spoofing_session_does_not_strand_a_killed_workers_task(mdb, fw,
     assert b.stop() == 0
 
 
+
+def test_every_second_recovery_reads_no_activity_or_lock_view(mdb, fw):
+    """The heartbeat's recovery finds a killed worker dead without reading
+    pg_stat_activity or pg_locks (a scan of every backend, each second, on
+    a busy server): in a database where the worker's login may read
+    neither, a killed worker is still forgotten, and no heartbeat fails."""
+    db = jobs(mdb)
+    db.query("REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC;"
+             "REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC")
+    wdb = worker_login_with_plain_grants(db)
+    a = fw(wdb, "--concurrency", "1", "--poll-interval", "200")
+    a_id, _ = registered(db, a)
+    b = fw(wdb, "--concurrency", "1", "--poll-interval", "200")
+    registered(db, b)
+    a.kill()
+    wait_until(lambda: db.scalar("SELECT count(*) FROM pgrunner.workers "
+                                 "WHERE id = %s", (a_id,)) == 0,
+               timeout=120, what="the killed worker to be forgotten")
+    tid = add(db, "slow", {"k": "after", "sleep": 0})
+    assert finished(db, tid, b)["state"] == "succeeded"
+    out = b.output()
+    assert "heartbeat failed" not in out, out[-4000:]
+    assert b.stop() == 0, out[-4000:]
+
 def test_migrate_without_createrole_warns_and_a_later_run_grants(own_pg):
     """On a server where the roles do not exist yet, the schema's owner
     without CREATEROLE migrates all the same (exit 0, a warning naming the
