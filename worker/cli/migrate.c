@@ -33,16 +33,22 @@ int pgr_migrate_latest(void) {
   return pgr_nmigrations ? pgr_migrations[pgr_nmigrations - 1].version : 0;
 }
 
-/* The highest applied version, or 0 on a fresh database. */
-static int current_version(PGconn *conn, int *version, char *errbuf,
-                           size_t errlen) {
+/* Whether this version is recorded as applied. Each version is looked up
+   on its own, not compared with the highest applied one: migrations are
+   numbered when work on them starts, so one may land after a higher one
+   (0007 after 0012) and must still be applied. */
+static int is_applied(PGconn *conn, int version, int *applied, char *errbuf,
+                      size_t errlen) {
+  char vbuf[16];
+  const char *params[1] = {vbuf};
+  snprintf(vbuf, sizeof vbuf, "%d", version);
   PGresult *res = pgr_db_exec(
       conn,
-      "SELECT coalesce(max(version), 0) FROM pgrunner.migrations", 0, NULL,
-      errbuf, errlen, NULL);
+      "SELECT EXISTS (SELECT 1 FROM pgrunner.migrations WHERE version = $1)",
+      1, params, errbuf, errlen, NULL);
   if (res == NULL)
     return PGR_EDB;
-  *version = atoi(PQgetvalue(res, 0, 0));
+  *applied = PQgetvalue(res, 0, 0)[0] == 't';
   PQclear(res);
   return 0;
 }
@@ -50,7 +56,7 @@ static int current_version(PGconn *conn, int *version, char *errbuf,
 int pgr_migrate_conn(struct pg_conn *conn, int *applied, char *errbuf,
                      size_t errlen) {
   int rc = 0;
-  int version = 0;
+  int done = 0;
   int in_txn = 0;
 
   *applied = 0;
@@ -73,9 +79,9 @@ int pgr_migrate_conn(struct pg_conn *conn, int *applied, char *errbuf,
              " applied_at timestamptz NOT NULL DEFAULT now())",
              errbuf, errlen)) != 0)
       goto out;
-    if ((rc = current_version(conn, &version, errbuf, errlen)) != 0)
+    if ((rc = is_applied(conn, m->version, &done, errbuf, errlen)) != 0)
       goto out;
-    if (m->version <= version) {
+    if (done) {
       if ((rc = pgr_db_command(conn, "COMMIT", errbuf, errlen)) != 0)
         goto out;
       in_txn = 0;
