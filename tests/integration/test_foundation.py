@@ -88,6 +88,22 @@ def test_migrate_twice_changes_nothing(db):
                      " 'keepme'") == 1
 
 
+def test_migrate_applies_a_version_below_the_highest_applied(db):
+    """Migrations are numbered when work on them starts, so one can land
+    after a higher one: a database that records a higher version still gets
+    every version it lacks."""
+    db.query("CREATE SCHEMA pgrunner;"
+             "CREATE TABLE pgrunner.migrations (version int PRIMARY KEY,"
+             " name text NOT NULL, applied_at timestamptz NOT NULL"
+             " DEFAULT now());"
+             "INSERT INTO pgrunner.migrations VALUES (9999, '9999_later')")
+    r = run_pgrunner(["migrate", "--db", db.dsn])
+    assert r.returncode == 0, r.stderr
+    assert {v for (v,) in db.query("SELECT version FROM pgrunner.migrations")
+            } == sql_versions() | {9999}
+    assert db.scalar("SELECT to_regclass('pgrunner.tasks') IS NOT NULL")
+
+
 @pytest.mark.parametrize("round_", range(3))
 def test_migrate_concurrently_from_four_processes(db, round_):
     env = dict(os.environ)

@@ -125,6 +125,10 @@ void pgr_janitor_stop(struct pgr_loop *l);
 void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c);
 /* maint's session settings, once session.c has passed --listen-db. */
 void pgr_janitor_setup(struct pgr_loop *l);
+/* Queue the worker's liveness lock on a loop connection, first thing after
+   it comes up (see janitor.c). */
+PGR_MUSTCHECK int pgr_janitor_hold_liveness(struct pgr_loop *l,
+                                            struct pgr_pgconn *c);
 
 /* dispatch.c */
 void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c);

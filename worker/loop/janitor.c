@@ -12,8 +12,11 @@
  * (listener.c) carries only LISTEN, the claims and what must be ordered with
  * them: the registration and giving back tasks a lost claim left running.
  * A worker therefore holds --concurrency + 2 connections. Both loop-side
- * connections carry the worker's application_name, which is how recovery
- * tells the worker is alive.
+ * connections hold a shared session advisory lock keyed by the worker id,
+ * taken before anything else on the connection (so before it registers):
+ * recovery takes a worker for dead when it can take that key exclusively
+ * (see sql/0013_roles.sql). Either connection alone keeps the worker alive
+ * while the other reconnects.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +90,7 @@ void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
   const char *params[6] = {wid, l->appname, l->hostname, pid, qs.data, conc};
   if (pgr_pgconn_query(c,
                        "SELECT pgrunner.heartbeat($1::bigint, $2, $3, $4::int,"
-                       " $5::text[], $6::int)",
+                       " $5::text[], $6::int, true)",
                        6, params, on_heartbeat, l) == 0)
     l->heartbeat_busy = 1;
   pgr_buf_free(&qs);
@@ -101,13 +104,16 @@ static void on_swept(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 }
 
 static void sweep(struct pgr_loop *l) {
+  char wid[32];
+  const char *params[1] = {wid};
   if (l->sweep_busy || l->shutting_down || !pgr_pgconn_ready(&l->maint))
     return;
+  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
   /* One worker at a time, as the heartbeat's recovery. */
   if (pgr_pgconn_query(&l->maint,
                        "SELECT CASE WHEN pg_try_advisory_xact_lock(1885827685,"
-                       " 1) THEN pgrunner.recover(true) ELSE 0 END",
-                       0, NULL, on_swept, l) == 0)
+                       " 1) THEN pgrunner.recover(true, $1::bigint) ELSE 0 END",
+                       1, params, on_swept, l) == 0)
     l->sweep_busy = 1;
 }
 
@@ -261,11 +267,33 @@ static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
 }
 
+static void on_liveness(struct pgr_pgconn *pc, PGresult *res, void *arg) {
+  (void)pc;
+  (void)arg;
+  if (res && PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("cannot take the worker's liveness lock; other workers may "
+              "take this connection's absence for death",
+              PGR_LS("error", m ? m : "unknown error"));
+  }
+}
+
+int pgr_janitor_hold_liveness(struct pgr_loop *l, struct pgr_pgconn *c) {
+  char wid[32];
+  const char *params[1] = {wid};
+  snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
+  /* Waits, at most for one recovery transaction, while another worker that
+     took us for dead holds the key: it gives our tasks back first. */
+  return pgr_pgconn_query(c, "SELECT pg_advisory_lock_shared($1::bigint)", 1,
+                          params, on_liveness, l);
+}
+
 void pgr_janitor_setup(struct pgr_loop *l) {
   struct pgr_pgconn *c = &l->maint;
   /* Nothing here is a promise to a user: a lost heartbeat or recovery is
      redone a second later, a lost retention batch five seconds later. */
-  if (pgr_pgconn_query(c, "SET synchronous_commit = off", 0, NULL, on_setup,
+  if (pgr_janitor_hold_liveness(l, c) != 0 ||
+      pgr_pgconn_query(c, "SET synchronous_commit = off", 0, NULL, on_setup,
                        l) != 0 ||
       pgr_pgconn_query(c, PGR_PLANNER_SETTINGS, 0, NULL, on_setup, l) != 0 ||
       pgr_pgconn_query(c, "SET plan_cache_mode = force_generic_plan", 0, NULL,

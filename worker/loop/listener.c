@@ -422,7 +422,8 @@ void pgr_listener_setup_session(struct pgr_loop *l) {
      its parameters, so the claim is planned once instead of at every call
      (its array parameters otherwise keep the planner on custom plans, which
      cost more CPU than the claim itself). */
-  if (pgr_pgconn_query(c,
+  if (pgr_janitor_hold_liveness(l, c) != 0 ||
+      pgr_pgconn_query(c,
                        "SET synchronous_commit = off; "
                        "LISTEN pgrunner; LISTEN pgrunner_cancel",
                        0, NULL, on_setup, l) != 0 ||
