@@ -42,6 +42,7 @@ enum attempt_result {
 struct attempt {
   enum attempt_result r;
   char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
+  char state[6]; /* SQLSTATE of the statement that failed, or "" */
 };
 
 static const char lock_sql[] =
@@ -315,6 +316,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_OK;
     return;
   }
+  memcpy(a->state, state, sizeof a->state);
   /* Anything but a failed COMMIT leaves an aborted transaction block. */
   if (failed != step_commit && command(conn, "ROLLBACK") != 0 &&
       PQstatus(conn) == CONNECTION_BAD) {
@@ -324,7 +326,11 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   if (strcmp(state, "PR001") == 0 &&
       (failed == step_lock || failed == step_complete)) {
     a->r = A_LOST;
-  } else if (strcmp(state, "PR003") == 0 && failed == step_lock) {
+  } else if (strcmp(state, "PR003") == 0 &&
+             (failed == step_lock || failed == step_complete)) {
+    /* Cancelled before the handler ran, or while it ran with no interrupt
+       reaching it (the worker's connection to the notifications was
+       down): either way cancel_task() has returned true. */
     a->r = A_CANCELLED;
   } else if (failed == step_call && strcmp(state, "42883") == 0) {
     /* Is it our function that is missing, or something it calls? */
@@ -371,6 +377,7 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
   } else {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     set_msg(a, A_RETRY, m ? m : PQerrorMessage(s->conn));
+    snprintf(a->state, sizeof a->state, "%.5s", sqlstate_of(res));
   }
   PQclear(res);
 }
@@ -434,6 +441,14 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
 out:
   free(jp.error);
+}
+
+/* The server cancelled a statement on request (SQLSTATE 57014 is also a
+   statement_timeout; its message tells them apart, and a message in another
+   language counts the attempt, as before). */
+static int unsolicited_cancel(const struct attempt *a) {
+  return strcmp(a->state, "57014") == 0 &&
+         strstr(a->msg, "due to user request") != NULL;
 }
 
 /* After a dropped connection: did our attempt commit? */
@@ -592,6 +607,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
   PGR_ASSERT_OFF_LOOP();
   a.r = A_OK;
   a.msg = pgr_strdup("");
+  a.state[0] = '\0';
   c->started_us = pgr_now_us();
   pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
            PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
@@ -647,6 +663,14 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
       msg = "cancelled while running";
       finish(s, c, "cancel", msg);
     } else if (why == PGR_INT_SHUTDOWN) {
+      finish(s, c, "requeue", "");
+    } else if (why == PGR_INT_NONE && unsolicited_cancel(&a)) {
+      /* Nobody here asked (no cancel, time limit or shutdown for this
+         attempt): a stale interrupt meant for an attempt that has ended, or
+         someone else's pg_cancel_backend. Not the task's fault: it runs
+         again at once, and the attempt is not counted. */
+      pgr_warn("task's statement cancelled, not by this worker; queued again",
+               PGR_LI("task", c->id), PGR_LI("attempt", c->attempt));
       finish(s, c, "requeue", "");
     } else if (why == PGR_INT_TIMEOUT ||
                strstr(a.msg, "statement timeout") != NULL) {
