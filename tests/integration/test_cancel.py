@@ -12,7 +12,7 @@ Every race is staged with locks the test holds, never with timing:
 """
 
 import contextlib
-import json
+import threading
 
 import pytest
 
@@ -31,6 +31,24 @@ LANGUAGE plpgsql AS $$
 BEGIN
   INSERT INTO pgrunner_jobs.done (k) VALUES (p->>'k');
   PERFORM pg_advisory_xact_lock_shared({GATE});
+END $$;
+
+-- Writes its row; the attempt's COMMIT then waits until the test lets it
+-- go (a deferred trigger), after the success mark.
+CREATE TABLE pgrunner_jobs.late (k text PRIMARY KEY);
+CREATE FUNCTION pgrunner_jobs.late_gate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_advisory_xact_lock_shared({GATE});
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER late_gate AFTER INSERT ON pgrunner_jobs.late
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+  EXECUTE FUNCTION pgrunner_jobs.late_gate();
+CREATE FUNCTION pgrunner_jobs.commit_gated(p jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO pgrunner_jobs.late (k) VALUES (p->>'k');
 END $$;
 """
 
@@ -174,6 +192,48 @@ def test_c_handler_that_completes_after_cancel_returned_true_ends_cancelled(
             t = finished(db, tid, w)
     assert t["state"] == "cancelled" and t["attempts"] == 1, t
     assert db.query("SELECT v FROM plugin_out") == []
+    stop_ok(w)
+
+
+def test_cancel_during_the_attempts_commit_tells_the_truth(mdb, fw):
+    """cancel_task() called while an attempt is committing its success: it
+    either waits and answers false (the task succeeded), or answers true
+    and the task ends cancelled; never true for a task that succeeds."""
+    db = jobs(mdb)
+    with gate(db) as release:
+        w = fw(db, "--concurrency", "1", "--poll-interval", "200")
+        _, name = registered(db, w)
+        tid = add(db, "commit_gated", {"k": "a"})
+        wait(db, lambda: waiting_at_gate(db, name),
+             "the attempt's COMMIT to wait at the gate", w)
+        answer = {}
+        conn = db.connect()  # opened now: the database will refuse new ones
+
+        def cancel():
+            with conn.cursor() as cur:
+                cur.execute("SELECT pgrunner.cancel_task(%s)", (tid,))
+                answer["cancelled"] = cur.fetchone()[0]
+        with loop_cut_off(db, w, name):
+            th = threading.Thread(target=cancel)
+            th.start()
+            # Either it answered at once, or it waits for the commit.
+            wait(db, lambda: not th.is_alive() or db.query(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = 1885827686 AND NOT granted"),
+                "cancel_task to answer or wait", w)
+            release()
+            th.join(60)
+            assert not th.is_alive()
+            t = finished(db, tid, w)
+        conn.close()
+    if answer["cancelled"]:
+        assert t["state"] == "cancelled", (answer, t)
+        assert db.query("SELECT k FROM pgrunner_jobs.late") == []
+    else:
+        assert t["state"] == "succeeded", (answer, t)
+    # This test lets the commit go only once cancel_task waits: so false.
+    assert answer["cancelled"] is False
+    assert db.scalar("SELECT count(*) FROM pgrunner.cancel_requests") == 0
     stop_ok(w)
 
 
