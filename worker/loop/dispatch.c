@@ -17,6 +17,7 @@
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "log.h"
 #include "loop/internal.h"
@@ -91,6 +92,10 @@ static void on_cancel_sent(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   if (res && PQresultStatus(res) != PGRES_TUPLES_OK) {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     pgr_warn("cannot interrupt task", PGR_LS("error", m ? m : "?"));
+  } else if (res && strcmp(PQgetvalue(res, 0, 0), "f") == 0) {
+    /* Its thread had left the attempt (or not reached it yet: then
+       lock_attempt or complete_attempt sees a cancel request). */
+    pgr_debug("interrupt found no attempt to stop");
   }
 }
 
