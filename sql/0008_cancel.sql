@@ -197,6 +197,52 @@ BEGIN
 END
 $$;
 
+-- prune (0005): a request that raced recovery (or release_unknown) is not
+-- thrown away before it is honoured.
+CREATE OR REPLACE FUNCTION pgrunner.prune(retention interval,
+                                          batch int DEFAULT 10000)
+RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+  ids bigint[];
+  keys text[];
+  n int;
+BEGIN
+  ids := ARRAY(SELECT t.id FROM pgrunner.tasks t
+                WHERE t.state = 'succeeded'
+                  AND t.finished_at < now() - retention
+                ORDER BY t.finished_at
+                LIMIT batch
+                  FOR UPDATE SKIP LOCKED);
+  n := coalesce(cardinality(ids), 0);
+  IF n > 0 THEN
+    WITH gone AS (
+      DELETE FROM pgrunner.tasks t WHERE t.id = ANY (ids) RETURNING t.key
+    )
+    SELECT array_agg(g.key) INTO keys FROM gone g WHERE g.key IS NOT NULL;
+    -- The lock rows of those keys (0004). Any may go: the next inserter of
+    -- a key puts its row back. Rows an inserter holds are left for later.
+    IF keys IS NOT NULL THEN
+      DELETE FROM pgrunner.task_keys k
+       WHERE k.key = ANY (ARRAY(SELECT x.key FROM pgrunner.task_keys x
+                                 WHERE x.key = ANY (keys)
+                                   FOR UPDATE SKIP LOCKED));
+    END IF;
+  END IF;
+  -- Requests for tasks that have ended; the table holds a handful. A
+  -- scalar subquery, so each is one primary-key look-up (an anti-join may
+  -- be planned as a walk over a whole index). A queued task keeps its
+  -- request: recovery or a give-back may have queued it again while the
+  -- request was being committed, and lock_attempt honours it at the next
+  -- claim.
+  DELETE FROM pgrunner.cancel_requests c
+   WHERE coalesce((SELECT t.state FROM pgrunner.tasks t
+                    WHERE t.id = c.task_id), 'gone')
+         NOT IN ('running', 'queued');
+  RETURN n;
+END
+$$;
+
 -- As 0005 and 0006 did for the others: index lookups only, no JIT.
 DO $$
 DECLARE
@@ -206,7 +252,7 @@ BEGIN
             WHERE p.pronamespace = 'pgrunner'::regnamespace
               AND p.proname IN ('cancel_task', 'interrupt_attempt',
                                 'complete_attempt', 'complete_noop',
-                                'finish_attempt')
+                                'finish_attempt', 'prune')
   LOOP
     EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off', f);
     EXECUTE format('ALTER FUNCTION %s SET enable_bitmapscan = off', f);

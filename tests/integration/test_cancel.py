@@ -300,3 +300,35 @@ def test_interrupt_nobody_asked_for_spends_no_attempt(mdb, fw):
     assert t["state"] == "succeeded" and t["attempts"] == 1, t
     assert done_rows(db, "a") == [("a",)]
     stop_ok(w)
+
+
+# --- a cancel racing recovery -------------------------------------------------
+
+
+def test_cancel_committed_while_recovery_requeues_the_task_is_honoured(
+        mdb, fw):
+    """cancel_task() finds the task running under a dead worker and records
+    its request; recovery, which cannot see the uncommitted request, queues
+    the task again; then the request commits. Retention must not throw the
+    request away: the task's next attempt ends cancelled, not succeeded."""
+    db = jobs(mdb)
+    tid = db.scalar(
+        "INSERT INTO pgrunner.tasks (kind, payload, state, attempts,"
+        " worker_id, started_at) VALUES ('gated', '{\"k\": \"r\"}',"
+        " 'running', 1, 42, now()) RETURNING id")
+    conn = db.connect(autocommit=False)
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT pgrunner.cancel_task(%s)", (tid,))
+        assert cur.fetchone()[0] is True
+        assert db.scalar("SELECT pgrunner.recover()") == 1
+        assert task(db, tid)["state"] == "queued"
+        conn.commit()
+    finally:
+        conn.close()
+    db.scalar("SELECT pgrunner.prune('1 day')")
+    w = fw(db, "--concurrency", "1", "--poll-interval", "200")
+    t = finished(db, tid, w)
+    assert t["state"] == "cancelled", t
+    assert done_rows(db, "r") == []
+    stop_ok(w)
