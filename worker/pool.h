@@ -80,10 +80,11 @@ void pgr_pool_submit(struct pgr_pool *pool, struct pgr_claim *claim);
 /* The whole done list, oldest first; NULL if empty. */
 struct pgr_claim *pgr_pool_take_done(struct pgr_pool *pool);
 /*
- * Mark task `id` interrupted for `why`. Returns the backend pid of the
- * connection running it (for pg_cancel_backend), or 0 if no thread runs it.
+ * Mark attempt `attempt` of task `id` interrupted for `why`. Returns the
+ * backend pid of the connection running it (for the server-side interrupt),
+ * or 0 if no thread runs it.
  */
-int pgr_pool_interrupt(struct pgr_pool *pool, int64_t id,
+int pgr_pool_interrupt(struct pgr_pool *pool, int64_t id, int attempt,
                        enum pgr_interrupt why);
 /* When task `id` started on a thread (pgr_now_ms), 0 if it has not. */
 uint64_t pgr_pool_running_since(struct pgr_pool *pool, int64_t id);

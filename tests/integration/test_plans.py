@@ -229,6 +229,9 @@ def exercise(server, db, bulk_sql=None):
             cur = api.cursor()
             cur.execute("SELECT pgrunner.retry_task(%s)", (ids[1],))
             cur.execute("SELECT pgrunner.release_unknown(42, '{}')")
+            # What a worker's loop sends to interrupt an attempt.
+            cur.execute("SELECT pgrunner.interrupt_attempt(%s, 1, 42,"
+                        " pg_backend_pid())", (ids[0],))
             cur.execute("SELECT pgrunner.recover()")
         finally:
             api.close()

@@ -67,6 +67,7 @@ static void worker_main(void *arg) {
       p->q_tail = NULL;
     c->next = NULL;
     s->current = c->id;
+    s->current_attempt = c->attempt;
     s->since_ms = pgr_now_ms();
     s->interrupt = PGR_INT_NONE;
     uv_mutex_unlock(&p->mu);
@@ -139,12 +140,15 @@ struct pgr_claim *pgr_pool_take_done(struct pgr_pool *p) {
   return list;
 }
 
-int pgr_pool_interrupt(struct pgr_pool *p, int64_t id, enum pgr_interrupt why) {
+int pgr_pool_interrupt(struct pgr_pool *p, int64_t id, int attempt,
+                       enum pgr_interrupt why) {
   int pid = 0;
   uv_mutex_lock(&p->mu);
   for (int i = 0; i < p->nslots; i++) {
     struct pgr_slot *s = &p->slots[i];
-    if (s->current == id) {
+    /* The next attempt of the same task may already run on another slot
+       while the loop still holds this one's claim. */
+    if (s->current == id && s->current_attempt == attempt) {
       /* A cancel outranks a shutdown or a timeout: the user asked. */
       if (s->interrupt == PGR_INT_NONE || why == PGR_INT_CANCEL)
         s->interrupt = why;

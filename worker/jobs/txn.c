@@ -59,6 +59,7 @@ enum attempt_result {
 struct attempt {
   enum attempt_result r;
   char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
+  char state[6]; /* SQLSTATE of the statement that failed, or "" */
 };
 
 static const char lock_sql[] =
@@ -378,6 +379,7 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_OK;
     return;
   }
+  memcpy(a->state, state, sizeof a->state);
   /* Anything but a failed COMMIT leaves an aborted transaction block; a
      session that cannot even roll back is not to be trusted further. */
   if (failed != step_commit && command(conn, "ROLLBACK") != 0) {
@@ -387,7 +389,11 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   if (strcmp(state, "PR001") == 0 &&
       (failed == step_lock || failed == step_complete)) {
     a->r = A_LOST;
-  } else if (strcmp(state, "PR003") == 0 && failed == step_lock) {
+  } else if (strcmp(state, "PR003") == 0 &&
+             (failed == step_lock || failed == step_complete)) {
+    /* Cancelled before the handler ran, or while it ran with no interrupt
+       reaching it (the worker's connection to the notifications was
+       down): either way cancel_task() has returned true. */
     a->r = A_CANCELLED;
   } else if (failed == step_call && strcmp(state, "42883") == 0) {
     /* Is it our function that is missing, or something it calls? */
@@ -440,6 +446,7 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
   int failed = pipeline_results(s, 2, 0, 1, &marked, a, state);
   if (failed < 0)
     goto broken;
+  memcpy(a->state, state, sizeof a->state);
   PQexitPipelineMode(conn);
   /* false: not ours any more, or cancelled; finish_attempt() tells which
      (it records nothing for an attempt that is not ours). A failure is in
@@ -513,6 +520,14 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
 out:
   free(jp.error);
+}
+
+/* The server cancelled a statement on request (SQLSTATE 57014 is also a
+   statement_timeout; its message tells them apart, and a message in another
+   language counts the attempt, as before). */
+static int unsolicited_cancel(const struct attempt *a) {
+  return strcmp(a->state, "57014") == 0 &&
+         strstr(a->msg, "due to user request") != NULL;
 }
 
 /* How many times a statement of the rare paths below is tried again after
@@ -721,6 +736,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
   PGR_ASSERT_OFF_LOOP();
   a.r = A_OK;
   a.msg = pgr_strdup("");
+  a.state[0] = '\0';
   c->started_us = pgr_now_us();
   pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
            PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
@@ -776,6 +792,14 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
       msg = "cancelled while running";
       finish(s, c, "cancel", msg);
     } else if (why == PGR_INT_SHUTDOWN) {
+      finish(s, c, "requeue", "");
+    } else if (why == PGR_INT_NONE && unsolicited_cancel(&a)) {
+      /* Nobody here asked (no cancel, time limit or shutdown for this
+         attempt): a stale interrupt meant for an attempt that has ended, or
+         someone else's pg_cancel_backend. Not the task's fault: it runs
+         again at once, and the attempt is not counted. */
+      pgr_warn("task's statement cancelled, not by this worker; queued again",
+               PGR_LI("task", c->id), PGR_LI("attempt", c->attempt));
       finish(s, c, "requeue", "");
     } else if (why == PGR_INT_TIMEOUT ||
                strstr(a.msg, "statement timeout") != NULL) {

@@ -6,12 +6,18 @@
  * pool's mutex for a few pointer moves and never wait for a worker.
  *
  * Interrupting a task whose handler is inside a query is done the
- * nonblocking way: `SELECT pg_cancel_backend(pid)` on the loop's own
- * connection (PQcancel would open a blocking connection on this thread).
- * The worker learns why from the flag set under the pool's mutex.
+ * nonblocking way, on the loop's own connection (PQcancel would open a
+ * blocking connection on this thread): pgrunner.interrupt_attempt() cancels
+ * the backend's statement only while the backend is still inside that
+ * attempt's transaction. The statement may wait in the connection's queue
+ * behind a claim or a heartbeat while the thread finishes the attempt and
+ * starts another on the same backend; that one is left alone (see
+ * sql/0014_cancel.sql). The worker learns why from the flag set under the
+ * pool's mutex.
  */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "log.h"
 #include "loop/internal.h"
@@ -87,20 +93,29 @@ static void on_cancel_sent(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   (void)arg;
   if (res && PQresultStatus(res) != PGRES_TUPLES_OK) {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_warn("pg_cancel_backend failed", PGR_LS("error", m ? m : "?"));
+    pgr_warn("cannot interrupt task", PGR_LS("error", m ? m : "?"));
+  } else if (res && strcmp(PQgetvalue(res, 0, 0), "f") == 0) {
+    /* Its thread had left the attempt (or not reached it yet: then
+       lock_attempt or complete_attempt sees a cancel request). */
+    pgr_debug("interrupt found no attempt to stop");
   }
 }
 
 static void interrupt_one(struct pgr_loop *l, struct pgr_claim *c,
                           enum pgr_interrupt why) {
-  int pid = pgr_pool_interrupt(l->pool, c->id, why);
+  int pid = pgr_pool_interrupt(l->pool, c->id, c->attempt, why);
   c->interrupted = 1;
   if (pid > 0) {
-    char p[16];
-    const char *params[1] = {p};
+    char id[32], att[16], wid[32], p[16];
+    const char *params[4] = {id, att, wid, p};
+    snprintf(id, sizeof id, "%lld", (long long)c->id);
+    snprintf(att, sizeof att, "%d", c->attempt);
+    snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
     snprintf(p, sizeof p, "%d", pid);
-    if (pgr_pgconn_query(&l->pg, "SELECT pg_cancel_backend($1::int)", 1, params,
-                         on_cancel_sent, l) != 0)
+    if (pgr_pgconn_query(&l->pg,
+                         "SELECT pgrunner.interrupt_attempt($1::bigint,"
+                         " $2::int, $3::bigint, $4::int)",
+                         4, params, on_cancel_sent, l) != 0)
       pgr_warn("cannot interrupt task: database connection down",
                PGR_LI("task", c->id));
   }

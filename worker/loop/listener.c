@@ -278,6 +278,19 @@ void pgr_listener_claim(struct pgr_loop *l) {
 
 static void release_unknown(struct pgr_loop *l);
 
+/* The ids of the tasks our threads hold, as an array literal (initialises
+   b; the caller frees it). */
+static void inflight_ids(struct pgr_loop *l, struct pgr_buf *b) {
+  int first = 1;
+  pgr_buf_init(b);
+  pgr_buf_addc(b, '{');
+  for (struct pgr_claim *c = l->inflight; c; c = c->prev) {
+    pgr_buf_printf(b, first ? "%lld" : ",%lld", (long long)c->id);
+    first = 0;
+  }
+  pgr_buf_addc(b, '}');
+}
+
 /* A heartbeat succeeded (janitor.c): the worker's row exists. On a new
    connection, what is left before the first claim is giving back what a
    lost claim may have left running under our name. */
@@ -327,15 +340,8 @@ static void on_released(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 static void release_unknown(struct pgr_loop *l) {
   struct pgr_buf known;
   char wid[32];
-  int first = 1;
 
-  pgr_buf_init(&known);
-  pgr_buf_addc(&known, '{');
-  for (struct pgr_claim *c = l->inflight; c; c = c->prev) {
-    pgr_buf_printf(&known, first ? "%lld" : ",%lld", (long long)c->id);
-    first = 0;
-  }
-  pgr_buf_addc(&known, '}');
+  inflight_ids(l, &known);
   snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
   const char *params[2] = {wid, known.data};
   if (pgr_pgconn_query(&l->pg,
@@ -411,6 +417,44 @@ static void on_optional_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
 }
 
+static void on_pending_cancels(struct pgr_pgconn *pc, PGresult *res,
+                               void *arg) {
+  struct pgr_loop *l = arg;
+  (void)pc;
+  if (res == NULL)
+    return; /* lost again: the next connection looks again */
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    pgr_error("cannot read pending cancel requests",
+              PGR_LS("error", m ? m : "?"));
+    return;
+  }
+  for (int i = 0; i < PQntuples(res); i++)
+    pgr_dispatch_interrupt(l, atoll(PQgetvalue(res, i, 0)), PGR_INT_CANCEL);
+}
+
+/*
+ * A cancel_task() that committed while this connection was down sent its
+ * notification to nobody. Once LISTEN is back (the query below is queued
+ * after it, so nothing falls between the two), look up the requests of the
+ * tasks our threads hold. Tasks not started yet need nothing: lock_attempt
+ * and complete_attempt refuse a task with a request.
+ */
+static void reread_cancels(struct pgr_loop *l) {
+  struct pgr_buf known;
+
+  if (l->inflight == NULL)
+    return;
+  inflight_ids(l, &known);
+  const char *params[1] = {known.data};
+  if (pgr_pgconn_query(&l->pg,
+                       "SELECT c.task_id FROM pgrunner.cancel_requests c"
+                       " WHERE c.task_id = ANY ($1::bigint[])",
+                       1, params, on_pending_cancels, l) != 0)
+    pgr_debug("connection dropped before reading cancel requests");
+  pgr_buf_free(&known);
+}
+
 void pgr_listener_setup_session(struct pgr_loop *l) {
   struct pgr_pgconn *c = &l->pg;
   /* What this connection commits is never a promise to a user: a claim
@@ -432,6 +476,7 @@ void pgr_listener_setup_session(struct pgr_loop *l) {
       pgr_pgconn_query(c, PGR_PLANNER_SETTINGS, 0, NULL, on_setup, l) != 0 ||
       pgr_pgconn_prepare(c, "pgr_claim", claim_sql, on_setup, l) != 0)
     return;
+  reread_cancels(l);
   l->session_ready = 1;
   /* Register (heartbeat) on this connection: the claims that follow must
      find the worker's row, or recovery would take their tasks back. */
