@@ -41,6 +41,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "health.h"
 #include "log.h"
 
 /* Distinct (queue, kind) pairs counted as themselves. */
@@ -110,7 +111,6 @@ static struct series *series[MAX_SERIES];
 static size_t nseries;
 static int16_t slots[NSLOTS]; /* index into series + 1; 0 = empty */
 static int running;
-static int db_up;
 /* Touched only by start/stop, on one thread. */
 static struct server *server_;
 
@@ -251,21 +251,12 @@ void pgr_metrics_set_running(int n) {
   uv_mutex_unlock(&mu);
 }
 
+/* The gauge and /healthz read health.c, where the state lives. */
 void pgr_metrics_set_db_up(int up) {
-  uv_once(&once, init_once);
-  uv_mutex_lock(&mu);
-  db_up = up != 0;
-  uv_mutex_unlock(&mu);
-}
-
-static int get_db_up(void) {
-  int up;
-
-  uv_once(&once, init_once);
-  uv_mutex_lock(&mu);
-  up = db_up;
-  uv_mutex_unlock(&mu);
-  return up;
+  if (up)
+    pgr_health_loop_up();
+  else
+    pgr_health_loop_down("database connection lost");
 }
 
 /* Label values escape backslash, double quote and newline (exposition
@@ -340,8 +331,8 @@ char *pgr_metrics_render(void) {
   for (size_t i = 0; i < n; i++)
     snap[i] = *series[i]; /* label strings are never freed: borrow them */
   run = running;
-  up = db_up;
   uv_mutex_unlock(&mu);
+  up = pgr_health_db_up();
 
   if (n > 1)
     qsort(snap, n, sizeof *snap, cmp_series);
@@ -657,10 +648,12 @@ static void serve(struct conn *c) {
     respond_error(c, 405, "method not allowed\n");
   else if (path_is(path, len, "/metrics"))
     respond(c, 200, text_metrics, pgr_metrics_render(), head);
-  else if (path_is(path, len, "/healthz") && get_db_up())
-    respond(c, 200, text_plain, pgr_strdup("ok\n"), head);
-  else if (path_is(path, len, "/healthz"))
-    respond(c, 503, text_plain, pgr_strdup("database connection down\n"), head);
+  else if (path_is(path, len, "/healthz")) {
+    char why[1024];
+    int ok = pgr_health_reason(why, sizeof why - 1);
+    strcat(why, "\n");
+    respond(c, ok ? 200 : 503, text_plain, pgr_strdup(why), head);
+  }
   else
     respond_error(c, 404, "not found\n");
 }
