@@ -5,8 +5,11 @@ Real PostgreSQL, the real binary, and fake servers written here: one that
 accepts TCP and never answers, one that accepts and closes at once.
 """
 
+import os
+import pwd
 import signal
 import socket
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -314,5 +317,52 @@ def test_wrong_password_exits_1_at_start(own_pg, workers):
     wait_until(lambda: db.scalar("SELECT state FROM pgrunner.tasks WHERE"
                                  " id = %s", (tid,)) == "succeeded",
                timeout=60, what="the task with the right password")
+    assert good.stop() == 0, good.output()
+    db.close()
+
+
+def test_wrong_certificate_authority_exits_1_at_start(own_pg, workers,
+                                                      tmp_path):
+    # The server's certificate is self-signed; the worker trusts another CA.
+    def self_signed(name):
+        crt, key = own_pg.tmp + f"/{name}.crt", own_pg.tmp + f"/{name}.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048",
+                        "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", key, "-out", crt], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if own_pg.root:
+            pw = pwd.getpwnam("postgres")
+            for f in (crt, key):
+                os.chown(f, pw.pw_uid, pw.pw_gid)
+        os.chmod(key, 0o600)
+        return crt, key
+
+    crt, key = self_signed("server")
+    other_ca, _ = self_signed("other")
+    db = new_db(own_pg)
+    with open(os.path.join(own_pg.data, "postgresql.conf"), "a") as f:
+        f.write(f"\nssl = on\nssl_cert_file = '{crt}'\n"
+                f"ssl_key_file = '{key}'\n")
+    own_pg.pg_ctl("reload")
+    base = (f"host=127.0.0.1 port={own_pg.port} user={own_pg.user} "
+            f"dbname={db.name} sslmode=verify-full")
+    wait_until(lambda: run_pgrunner(["status", "--db", f"{base} "
+                                     f"sslrootcert={crt}"]).returncode == 0,
+               timeout=30, interval=0.2, what="TLS on the server")
+
+    w = start_worker(workers, f"{base} sslrootcert={other_ca}",
+                     "--concurrency", "2")
+    rc = wait_exit(w, 60)
+    out = w.output()
+    assert rc == 1, out
+    assert "certificate verify failed" in out, out
+
+    # The set-up is real: the right CA works.
+    good = start_worker(workers, f"{base} sslrootcert={crt}")
+    tid = add_task(db, "noop")
+    wait_until(lambda: db.scalar("SELECT state FROM pgrunner.tasks WHERE"
+                                 " id = %s", (tid,)) == "succeeded",
+               timeout=60, what="the task over verified TLS")
     assert good.stop() == 0, good.output()
     db.close()
