@@ -20,6 +20,20 @@
 
 #include "common.h"
 
+/* stop(arg) returns 1 when a connection attempt should be abandoned. */
+typedef int (*pgr_db_stop_fn)(void *arg);
+
+/*
+ * Connect, blocking for at most the connect timeout (connerr.h), and less
+ * if stop(arg) becomes 1 (checked a few times a second; stop may be NULL).
+ * On failure errbuf gets libpq's message on one line, without the password,
+ * and *kind (if not NULL) an enum pgr_connerr.
+ */
+PGR_MUSTCHECK int pgr_db_connect_until(const char *conninfo,
+                                       const char *appname, pgr_db_stop_fn stop,
+                                       void *arg, PGconn **out, char *errbuf,
+                                       size_t errlen, int *kind);
+
 /* Connect, blocking. `appname` becomes application_name. */
 PGR_MUSTCHECK int pgr_db_connect(const char *conninfo, const char *appname,
                                  PGconn **out, char *errbuf, size_t errlen);

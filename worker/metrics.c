@@ -35,6 +35,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "health.h"
 #include "log.h"
 
 /* Distinct (queue, kind) pairs counted as themselves. */
@@ -104,7 +105,6 @@ static struct series *series[MAX_SERIES];
 static size_t nseries;
 static int16_t slots[NSLOTS]; /* index into series + 1; 0 = empty */
 static int running;
-static int db_up;
 static uint64_t last_claim_ns; /* uv_hrtime() of the last claim; 0: none */
 
 static void init_once(void) {
@@ -252,21 +252,12 @@ void pgr_metrics_claim_succeeded(void) {
   uv_mutex_unlock(&mu);
 }
 
+/* The gauge and /healthz read health.c, where the state lives. */
 void pgr_metrics_set_db_up(int up) {
-  uv_once(&once, init_once);
-  uv_mutex_lock(&mu);
-  db_up = up != 0;
-  uv_mutex_unlock(&mu);
-}
-
-static int get_db_up(void) {
-  int up;
-
-  uv_once(&once, init_once);
-  uv_mutex_lock(&mu);
-  up = db_up;
-  uv_mutex_unlock(&mu);
-  return up;
+  if (up)
+    pgr_health_loop_up();
+  else
+    pgr_health_loop_down("database connection lost");
 }
 
 /* Label values escape backslash, double quote and newline (exposition
@@ -341,9 +332,9 @@ char *pgr_metrics_render(void) {
   for (size_t i = 0; i < n; i++)
     snap[i] = *series[i]; /* label strings are never freed: borrow them */
   run = running;
-  up = db_up;
   uint64_t claim_ns = last_claim_ns;
   uv_mutex_unlock(&mu);
+  up = pgr_health_db_up();
 
   if (n > 1)
     qsort(snap, n, sizeof *snap, cmp_series);
@@ -412,10 +403,9 @@ char *pgr_metrics_render(void) {
 }
 
 int pgr_metrics_health(char **body) {
-  if (get_db_up()) {
-    *body = pgr_strdup("ok\n");
-    return 200;
-  }
-  *body = pgr_strdup("database connection down\n");
-  return 503;
+  char why[1024];
+  int ok = pgr_health_reason(why, sizeof why - 1);
+  strcat(why, "\n");
+  *body = pgr_strdup(why);
+  return ok ? 200 : 503;
 }

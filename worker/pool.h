@@ -92,7 +92,11 @@ uint64_t pgr_pool_running_since(struct pgr_pool *pool, int64_t id);
 struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *pool);
 /* Threads whose connection is up. */
 int pgr_pool_connected(struct pgr_pool *pool);
-/* Stop the threads once their queue is empty and join them (main thread). */
-void pgr_pool_destroy(struct pgr_pool *pool);
+/*
+ * Stop the threads once their queue is empty and join them (main thread).
+ * A thread still busy after timeout_ms is left running: PGR_EIO, and the
+ * pool is not freed (the caller exits the process).
+ */
+PGR_MUSTCHECK int pgr_pool_destroy(struct pgr_pool *pool, uint64_t timeout_ms);
 
 #endif /* PGR_POOL_H */

@@ -330,6 +330,21 @@ def restart_pg(server, mode="fast"):
     server.pg_ctl("restart", "-m", mode, "-w", "-t", "60")
 
 
+def password_role(server, db, role, password):
+    """Create a superuser `role` that must log in over TCP with `password`
+    (scram-sha-256 in pg_hba.conf), reload, and return a conninfo for it
+    to `db` without the password. The reload is asynchronous: callers wait
+    until a wrong password is refused."""
+    db.query(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
+    hba = os.path.join(server.data, "pg_hba.conf")
+    with open(hba) as f:
+        old = f.read()
+    with open(hba, "w") as f:
+        f.write(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + old)
+    server.pg_ctl("reload")
+    return f"host=127.0.0.1 port={server.port} user={role} dbname={db.name}"
+
+
 def new_db(server, migrate=True):
     """Create a fresh database on `server` (migrated unless told not to)
     and return a Db for it. The server's removal takes it away."""

@@ -530,9 +530,10 @@ Test(metrics, http_serves_healthz_and_metrics) {
   cr_assert(eq(
       int, http_request(AF_INET, "127.0.0.1", port, "GET", "/healthz", &r), 0));
   cr_expect(eq(int, r.status, 503), "healthz before the database is up");
-  cr_expect(eq(str, r.body, "database connection down\n"));
+  cr_expect(eq(str, r.body, "database connection down: not connected yet\n"),
+            "one line saying why");
   cr_expect(header(&r, "Connection: close"), "head: %s", r.head);
-  cr_expect(header(&r, "Content-Length: 25"), "head: %s", r.head);
+  cr_expect(header(&r, "Content-Length: 44"), "head: %s", r.head);
   http_reply_free(&r);
 
   pgr_metrics_set_db_up(1);
@@ -608,7 +609,7 @@ Test(metrics, head_sends_headers_without_a_body) {
                0));
   cr_expect(eq(int, r.status, 503));
   cr_expect(eq(str, r.body, ""));
-  cr_expect(header(&r, "Content-Length: 25"), "head: %s", r.head);
+  cr_expect(header(&r, "Content-Length: 44"), "head: %s", r.head);
   http_reply_free(&r);
 
   cr_assert(eq(

@@ -36,7 +36,10 @@ struct pgr_pool {
   char *appname;
   uv_async_t *wake;
   uv_mutex_t mu;
-  uv_cond_t cv;
+  uv_cond_t cv;      /* a claim was submitted, or stopping */
+  uv_cond_t stop_cv; /* stopping (wakes threads waiting to reconnect) */
+  uv_cond_t exit_cv; /* a thread ended */
+  int exited;        /* threads that ended */
   struct pgr_claim *q_head, *q_tail; /* submitted, not started */
   struct pgr_claim *d_head, *d_tail; /* done, not yet taken by the loop */
   int stopping;
@@ -50,6 +53,11 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c);
 /* txn.c: connect (or reconnect) the slot, retrying with backoff until it
    works or the pool stops. 0 when connected. */
 int pgr_txn_connect(struct pgr_slot *s);
+
+/* pool.c: 1 once the pool is stopping. */
+int pgr_pool_stopping(struct pgr_pool *p);
+/* pool.c: sleep up to ms, or less if the pool stops; 1 if stopping. */
+int pgr_pool_wait(struct pgr_pool *p, uint64_t ms);
 
 /* pool.c: the interrupt requested for the slot's current task. */
 enum pgr_interrupt pgr_slot_interrupt(struct pgr_slot *s);

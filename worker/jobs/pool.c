@@ -89,6 +89,10 @@ static void worker_main(void *arg) {
     PQfinish(s->conn);
     s->conn = NULL;
   }
+  uv_mutex_lock(&p->mu);
+  p->exited++;
+  uv_mutex_unlock(&p->mu);
+  uv_cond_signal(&p->exit_cv);
 }
 
 int pgr_pool_create(const struct pgr_config *cfg,
@@ -103,6 +107,8 @@ int pgr_pool_create(const struct pgr_config *cfg,
   p->wake = wake;
   PGR_ASSERT(uv_mutex_init(&p->mu) == 0);
   PGR_ASSERT(uv_cond_init(&p->cv) == 0);
+  PGR_ASSERT(uv_cond_init(&p->stop_cv) == 0);
+  PGR_ASSERT(uv_cond_init(&p->exit_cv) == 0);
   p->nslots = cfg->concurrency;
   p->slots = pgr_calloc((size_t)p->nslots, sizeof *p->slots);
   for (i = 0; i < p->nslots; i++) {
@@ -187,13 +193,52 @@ int pgr_pool_connected(struct pgr_pool *p) {
   return n;
 }
 
-void pgr_pool_destroy(struct pgr_pool *p) {
+int pgr_pool_stopping(struct pgr_pool *p) {
+  int stopping;
+  uv_mutex_lock(&p->mu);
+  stopping = p->stopping;
+  uv_mutex_unlock(&p->mu);
+  return stopping;
+}
+
+int pgr_pool_wait(struct pgr_pool *p, uint64_t ms) {
+  uint64_t until = uv_hrtime() + ms * 1000000;
+  int stopping;
+  uv_mutex_lock(&p->mu);
+  while (!p->stopping) {
+    uint64_t now = uv_hrtime();
+    if (now >= until)
+      break;
+    /* stop_cv, not cv: a submit's single signal must wake an idle thread,
+       never one that is waiting to reconnect. */
+    (void)uv_cond_timedwait(&p->stop_cv, &p->mu, until - now);
+  }
+  stopping = p->stopping;
+  uv_mutex_unlock(&p->mu);
+  return stopping;
+}
+
+int pgr_pool_destroy(struct pgr_pool *p, uint64_t timeout_ms) {
   if (p == NULL)
-    return;
+    return 0;
+  uint64_t until = uv_hrtime() + timeout_ms * 1000000;
+  int all;
   uv_mutex_lock(&p->mu);
   p->stopping = 1;
   uv_cond_broadcast(&p->cv);
+  uv_cond_broadcast(&p->stop_cv);
+  while (p->exited < p->nslots) {
+    uint64_t now = uv_hrtime();
+    if (now >= until)
+      break;
+    (void)uv_cond_timedwait(&p->exit_cv, &p->mu, until - now);
+  }
+  all = p->exited == p->nslots;
   uv_mutex_unlock(&p->mu);
+  /* A thread still running owns its slot, the pool and the config: leave
+     them all to the process's exit. */
+  if (!all)
+    return PGR_EIO;
   for (int i = 0; i < p->nslots; i++)
     uv_thread_join(&p->slots[i].thread);
   /* Claims the loop never took back (it has stopped). */
@@ -205,7 +250,10 @@ void pgr_pool_destroy(struct pgr_pool *p) {
   }
   free(p->slots);
   free(p->appname);
+  uv_cond_destroy(&p->exit_cv);
+  uv_cond_destroy(&p->stop_cv);
   uv_cond_destroy(&p->cv);
   uv_mutex_destroy(&p->mu);
   free(p);
+  return 0;
 }

@@ -44,6 +44,7 @@
 #include <string.h>
 
 #include "db.h"
+#include "health.h"
 #include "jobs/internal.h"
 #include "log.h"
 
@@ -185,6 +186,10 @@ static int session_lost(PGconn *conn, const PGresult *res) {
          PQpipelineStatus(conn) != PQ_PIPELINE_OFF || session_ending(res);
 }
 
+static int stop_connecting(void *arg) {
+  return pgr_pool_stopping(arg);
+}
+
 int pgr_txn_connect(struct pgr_slot *s) {
   struct pgr_pool *p = s->pool;
   char err[1024];
@@ -200,20 +205,23 @@ int pgr_txn_connect(struct pgr_slot *s) {
     uv_mutex_unlock(&p->mu);
   }
   for (;;) {
-    uv_mutex_lock(&p->mu);
-    int stopping = p->stopping;
-    uv_mutex_unlock(&p->mu);
-    if (stopping)
+    if (pgr_pool_stopping(p))
       return PGR_ECONN;
-    if (pgr_db_connect(p->cfg->db, p->appname, &conn, err, sizeof err) == 0)
+    if (pgr_db_connect_until(p->cfg->db, p->appname, stop_connecting, p,
+                             &conn, err, sizeof err, NULL) == 0)
       break;
+    if (pgr_pool_stopping(p))
+      return PGR_ECONN;
+    pgr_health_thread_failed(s->index, err);
     /* Every thread retries; one of them speaks for all at warn. */
     pgr_log(s->index == 0 ? PGR_LEVEL_WARN : PGR_LEVEL_DEBUG,
             "worker connection failed; retrying", PGR_LI("thread", s->index),
             PGR_LS("error", err), PGR_LI("retry_ms", backoff));
-    uv_sleep((unsigned)backoff);
+    if (pgr_pool_wait(p, backoff))
+      return PGR_ECONN;
     backoff = backoff * 2 > 5000 ? 5000 : backoff * 2;
   }
+  pgr_health_thread_connected(s->index);
 
   uv_mutex_lock(&p->mu);
   s->conn = conn;

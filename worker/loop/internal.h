@@ -78,6 +78,10 @@ struct pgr_loop {
   unsigned probe_round;  /* probes started (one per pg session) */
   unsigned probe_notify_round; /* the round of the notify in flight, or 0 */
   char probe_channel[64];
+  int started;       /* the schema check passed once: start-up is over */
+  int schema_checking; /* the schema check is in flight */
+  int schema_behind;   /* the last check found it missing or behind */
+  int schema_logged;   /* ... and said so at error level */
   int session_ready; /* LISTEN and the claim are set up on pg */
   int registered;  /* heartbeat succeeded on the current connection */
   uint64_t registered_ms; /* uv_now() when it did */
@@ -99,6 +103,10 @@ struct pgr_loop {
 /* listener.c */
 void pgr_listener_on_up(struct pgr_pgconn *c);
 void pgr_listener_on_down(struct pgr_pgconn *c, const char *why);
+void pgr_listener_on_connect_failed(struct pgr_pgconn *c, int kind,
+                                    const char *why);
+/* While the schema is behind, check it again (heartbeat ticks). */
+void pgr_listener_recheck_schema(struct pgr_loop *l);
 void pgr_listener_on_notify(struct pgr_pgconn *c, const char *channel,
                             const char *payload);
 void pgr_listener_claim(struct pgr_loop *l);
@@ -142,5 +150,7 @@ void pgr_dispatch_give_back(struct pgr_loop *l);
 
 /* loop.c */
 void pgr_loop_maybe_finish(struct pgr_loop *l);
+/* Stop the worker for an error (exit code `code`) as a signal would. */
+void pgr_loop_fail(struct pgr_loop *l, int code);
 
 #endif /* PGR_LOOP_INTERNAL_H */

@@ -204,6 +204,7 @@ static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_pgconn *c =
       l->registered && pgr_pgconn_ready(&l->maint) ? &l->maint : &l->pg;
   pgr_janitor_heartbeat(l, c);
+  pgr_listener_recheck_schema(l);
   if (++l->ticks % RELEASE_EVERY_TICKS == 0)
     pgr_listener_release_unknown(l);
   if (l->ticks % SWEEP_EVERY_TICKS == SWEEP_AT_TICK)

@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include "cli/migrations.h"
+#include "connerr.h"
+#include "health.h"
 #include "log.h"
 #include "loop/internal.h"
 #include "metrics.h"
@@ -139,9 +141,11 @@ static void on_claimed(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   if (PQresultStatus(res) != PGRES_TUPLES_OK) {
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     pgr_error("claim failed", PGR_LS("error", m ? m : "unknown error"));
+    pgr_health_claim_failed(m);
     return;
   }
   pgr_metrics_claim_succeeded();
+  pgr_health_claim_ok();
   int n = PQntuples(res);
   for (int i = 0; i < n; i++) {
     if (PQgetisnull(res, i, 0)) {
@@ -353,31 +357,68 @@ static void release_unknown(struct pgr_loop *l) {
 }
 
 
+/*
+ * At start a schema that is missing or behind ends the worker (exit 1): no
+ * waiting heals it. Once the worker has run, it is reported by /healthz
+ * instead and checked again every heartbeat tick (janitor.c), so a worker
+ * whose database was restored from an old backup says so and resumes by
+ * itself after `pgrunner migrate`.
+ */
 static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
+  int need = pgr_migrate_latest();
+  int have = -1;
   (void)pc;
+  l->schema_checking = 0;
   if (res == NULL)
     return;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    pgr_error("the pgrunner schema is missing from the database: run "
-              "`pgrunner migrate`");
-    l->exit_code = 1;
-    uv_kill(getpid(), SIGTERM);
+  if (PQresultStatus(res) == PGRES_TUPLES_OK)
+    have = atoi(PQgetvalue(res, 0, 0));
+  pgr_health_schema(have < 0 ? 0 : have, need);
+  if (have < need) {
+    l->schema_behind = 1;
+    if (l->started) {
+      pgr_log(l->schema_logged ? PGR_LEVEL_DEBUG : PGR_LEVEL_ERROR,
+              "the pgrunner schema is behind: run `pgrunner migrate`",
+              PGR_LI("schema_version", have < 0 ? 0 : have),
+              PGR_LI("needed_version", need));
+      l->schema_logged = 1;
+      return;
+    }
+    if (have < 0)
+      pgr_error("the pgrunner schema is missing from the database: run "
+                "`pgrunner migrate`");
+    else
+      pgr_error("the pgrunner schema is out of date: run `pgrunner migrate`",
+                PGR_LI("schema_version", have), PGR_LI("needed_version", need));
+    pgr_loop_fail(l, 1);
     return;
   }
-  int have = atoi(PQgetvalue(res, 0, 0));
-  if (have < pgr_migrate_latest()) {
-    pgr_error("the pgrunner schema is out of date: run `pgrunner migrate`",
-              PGR_LI("schema_version", have),
-              PGR_LI("needed_version", pgr_migrate_latest()));
-    l->exit_code = 1;
-    uv_kill(getpid(), SIGTERM);
-    return;
-  }
+  l->schema_behind = 0;
+  l->schema_logged = 0;
+  l->started = 1;
   if (l->probe == PGR_PROBE_PASSED)
     pgr_listener_setup_session(l);
   else if (l->probe == PGR_PROBE_NONE)
     pgr_session_probe_start(l);
+}
+
+static void check_schema(struct pgr_loop *l) {
+  if (l->schema_checking || l->closing || !pgr_pgconn_ready(&l->pg))
+    return;
+  if (pgr_pgconn_query(&l->pg,
+                       "SELECT coalesce(max(version), 0) "
+                       "FROM pgrunner.migrations",
+                       0, NULL, on_schema_checked, l) != 0) {
+    pgr_debug("connection dropped before the schema check");
+    return;
+  }
+  l->schema_checking = 1;
+}
+
+void pgr_listener_recheck_schema(struct pgr_loop *l) {
+  if (l->schema_behind && !l->session_ready)
+    check_schema(l);
 }
 
 static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
@@ -393,17 +434,32 @@ static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 void pgr_listener_on_up(struct pgr_pgconn *c) {
   struct pgr_loop *l = loop_of(c);
   pgr_info("database connected", PGR_LS("worker", l->appname));
-  pgr_metrics_set_db_up(1);
+  pgr_health_loop_up();
   if (l->closing)
     return;
   /* Prepared statements and LISTEN die with the session: redo both on
      every connect. The schema check runs first, so a database that was
      never migrated gets a clear message rather than a failed PREPARE. */
-  if (pgr_pgconn_query(c,
-                       "SELECT coalesce(max(version), 0) "
-                       "FROM pgrunner.migrations",
-                       0, NULL, on_schema_checked, l) != 0)
-    pgr_debug("connection dropped before the schema check");
+  check_schema(l);
+}
+
+/*
+ * A connection attempt failed. Before the worker has ever run, an error
+ * that waiting cannot heal (connerr.h: authentication, certificate, an
+ * unknown database, a malformed connection string) ends it, so a service
+ * manager sees the failure instead of a worker retrying forever. Later the
+ * same errors are retried: a password rotated under a running worker may
+ * be rotated back, and /healthz says what is wrong meanwhile.
+ */
+void pgr_listener_on_connect_failed(struct pgr_pgconn *c, int kind,
+                                    const char *why) {
+  struct pgr_loop *l = loop_of(c);
+  pgr_health_loop_down(why);
+  if (l->started || l->shutting_down || kind == PGR_CONNERR_RETRY)
+    return;
+  pgr_error("cannot connect to the database; not retrying",
+            PGR_LS("error", why), PGR_LS("class", pgr_connerr_name(kind)));
+  pgr_loop_fail(l, kind == PGR_CONNERR_CONFIG ? 2 : 1);
 }
 
 /* A setting we can do without (plan_cache_mode is PostgreSQL 12+). */
@@ -491,7 +547,8 @@ void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
   l->session_ready = 0;
   pgr_session_probe_on_down(l);
   reset_cursors(l);
-  pgr_metrics_set_db_up(0);
+  l->schema_checking = 0;
+  pgr_health_loop_down(why);
   pgr_warn("database connection lost; reconnecting", PGR_LS("error", why));
   if (l->shutting_down)
     pgr_loop_maybe_finish(l);

@@ -18,14 +18,17 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "web/http.h"
+#include "health.h"
 #include "log.h"
 #include "loop/internal.h"
 #include "metrics.h"
+#include "web/http.h"
 
 /* After the grace period and the interrupt, how long we still wait for a
    handler that ignores it (a C handler deep in its own code). */
 #define HARD_STOP_MS 15000
+/* After the loop has stopped, how long the worker threads have to end. */
+#define JOIN_TIMEOUT_MS 5000
 
 static void on_closed(uv_handle_t *h) {
   (void)h;
@@ -117,6 +120,12 @@ static void begin_shutdown(struct pgr_loop *l, const char *why) {
   pgr_loop_maybe_finish(l);
 }
 
+void pgr_loop_fail(struct pgr_loop *l, int code) {
+  if (l->exit_code == 0)
+    l->exit_code = code;
+  begin_shutdown(l, "error");
+}
+
 static void on_signal(uv_signal_t *s, int signum) {
   struct pgr_loop *l = s->data;
   if (signum == SIGHUP) {
@@ -202,6 +211,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   l->pg.on_up = pgr_listener_on_up;
   l->pg.on_down = pgr_listener_on_down;
   l->pg.on_notify = pgr_listener_on_notify;
+  l->pg.on_connect_failed = pgr_listener_on_connect_failed;
   if (pgr_janitor_init(l, err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
     rc = 2;
@@ -221,6 +231,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   uv_signal_start(&l->sigint, on_signal, SIGINT);
   uv_signal_start(&l->sighup, on_signal, SIGHUP);
 
+  pgr_health_reset(cfg->concurrency);
   PGR_ASSERT(pgr_pool_create(cfg, handlers, l->appname, &l->done_async,
                              &l->pool) == 0);
 
@@ -229,15 +240,26 @@ int pgr_loop_run(const struct pgr_config *cfg) {
            PGR_LI("queues", (int64_t)cfg->nqueues),
            PGR_LS("version", PGR_VERSION));
   pgr_mark_loop_thread();
-  pgr_pgconn_start(&l->pg);
   pgr_listener_start_timers(l);
   pgr_janitor_start(l);
+  /* Last: a connection string libpq refuses at once fails the worker
+     from inside this call, which closes every handle. */
+  pgr_pgconn_start(&l->pg);
   uv_run(&l->loop, UV_RUN_DEFAULT);
   pgr_unmark_loop_thread();
 
-  pgr_pool_destroy(l->pool);
-  l->pool = NULL;
+  /* The loop is gone, and with it every timer: the join has a deadline of
+     its own. Threads stop at once when idle, within a poll interval when
+     connecting or waiting to retry; one that does not (a handler that
+     ignored its interrupt) is left behind, and the process exits anyway. */
   rc = l->exit_code;
+  if (pgr_pool_destroy(l->pool, JOIN_TIMEOUT_MS) != 0) {
+    pgr_error("worker threads did not stop; exiting anyway (other workers "
+              "will recover their tasks)");
+    pgr_log_stop();
+    _exit(1);
+  }
+  l->pool = NULL;
   pgr_info("worker stopped", PGR_LI("exit_code", rc));
 out:
   if (loop_ok) {

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "conntargets.h"
+#include "connerr.h"
 #include "log.h"
 
 enum cmd_kind {
@@ -149,21 +150,33 @@ static void connect_failed(struct pgr_pgconn *c, const char *why) {
     free(w);
     why = joined;
   }
-  char *safe = pgr_redact(c->conninfo, why);
+  char msg[512];
+  enum pgr_connerr kind = pgr_connerr_classify(
+      why, c->conn ? PQconnectionNeedsPassword(c->conn) : 0, msg, sizeof msg);
   free(joined);
-  size_t l = strlen(safe);
-  while (l && (safe[l - 1] == '\n' || safe[l - 1] == ' '))
-    safe[--l] = '\0';
+  char *safe = pgr_redact(c->conninfo, msg);
   snprintf(c->last_error, sizeof c->last_error, "%s", safe);
-  pgr_warn("database connection failed; retrying", PGR_LS("error", safe),
-           PGR_LI("retry_ms", c->backoff_ms));
   free(safe);
+  pgr_warn("database connection failed; retrying",
+           PGR_LS("error", c->last_error), PGR_LI("retry_ms", c->backoff_ms),
+           PGR_LS("class", pgr_connerr_name(kind)));
   unwatch(c);
   if (c->conn) {
     PQfinish(c->conn);
     c->conn = NULL;
   }
   schedule_retry(c);
+  /* Last: the owner may close the connection from here. */
+  if (c->on_connect_failed)
+    c->on_connect_failed(c, kind, c->last_error);
+}
+
+/* libpq enforces connect_timeout only when it connects blocking; a
+   nonblocking connection times its attempt itself. */
+static void on_connect_timeout(uv_timer_t *t) {
+  struct pgr_pgconn *c = pgr_container_of(t, struct pgr_pgconn, timer);
+  if (c->state == PGR_PGC_CONNECTING)
+    connect_failed(c, "timeout expired");
 }
 
 static void start_connect(struct pgr_pgconn *c, const struct pgr_conninfo *ci) {
@@ -172,12 +185,15 @@ static void start_connect(struct pgr_pgconn *c, const struct pgr_conninfo *ci) {
     connect_failed(c, "out of memory");
     return;
   }
+  pgr_connerr_watch(c->conn);
   PQsetNoticeProcessor(c->conn, pgr_log_pq_notice, NULL);
   if (PQstatus(c->conn) == CONNECTION_BAD) {
     connect_failed(c, PQerrorMessage(c->conn));
     return;
   }
   c->state = PGR_PGC_CONNECTING;
+  if (c->connect_timeout_ms > 0)
+    uv_timer_start(&c->timer, on_connect_timeout, c->connect_timeout_ms, 0);
   /* libpq: "On the first iteration ... behave as if it last returned
      PGRES_POLLING_WRITING." */
   if (watch(c, UV_WRITABLE, 1) != 0)
@@ -268,6 +284,7 @@ int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c, const char *conninfo,
     c->conninfo = NULL;
     return rc;
   }
+  c->connect_timeout_ms = pgr_connect_timeout_ms(&c->ci);
   c->backoff_ms = 100;
   c->seed = pgr_now_us() | 1;
   uv_timer_init(loop, &c->timer);
@@ -471,6 +488,8 @@ static void connect_step(struct pgr_pgconn *c) {
       connect_failed(c, "cannot watch the connection's socket");
     return;
   case PGRES_POLLING_OK:
+    uv_timer_stop(&c->timer);
+    pgr_connerr_unwatch(c->conn);
     if (PQsetnonblocking(c->conn, 1) != 0) {
       connect_failed(c, PQerrorMessage(c->conn));
       return;

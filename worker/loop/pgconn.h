@@ -35,6 +35,8 @@ typedef void (*pgr_pgconn_result_cb)(struct pgr_pgconn *c, PGresult *res,
                                      void *arg);
 typedef void (*pgr_pgconn_event_cb)(struct pgr_pgconn *c);
 typedef void (*pgr_pgconn_down_cb)(struct pgr_pgconn *c, const char *why);
+typedef void (*pgr_pgconn_failed_cb)(struct pgr_pgconn *c, int kind,
+                                     const char *why);
 typedef void (*pgr_pgconn_notify_cb)(struct pgr_pgconn *c, const char *channel,
                                      const char *payload);
 
@@ -57,10 +59,11 @@ struct pgr_pgconn {
   enum pgr_pgconn_state state;
   struct pgr_pgpoll *poll;
   int events;
-  uv_timer_t timer;
+  uv_timer_t timer; /* backoff; while CONNECTING, the attempt's time limit */
   struct pgr_pgresolve *resolving; /* the lookup in flight, or NULL */
   char *skipped; /* hosts the last lookup could not resolve, or NULL */
   uint64_t backoff_ms;
+  uint64_t connect_timeout_ms; /* one attempt; 0: no limit */
   uint64_t seed;
   struct pgr_pgcmd *head, *tail;
   int busy; /* head was sent; its results are coming */
@@ -70,6 +73,9 @@ struct pgr_pgconn {
   pgr_pgconn_event_cb on_up;
   pgr_pgconn_down_cb on_down;
   pgr_pgconn_notify_cb on_notify;
+  /* An attempt failed; kind is an enum pgr_connerr (connerr.h). The
+     connection retries by itself unless the callback closes it. */
+  pgr_pgconn_failed_cb on_connect_failed;
   void *data;
   char last_error[512];
 };
