@@ -262,6 +262,7 @@ BEGIN
       TO pgrunner_producer;
     -- 0011's insert trigger reads the retry policy as the inserter.
     GRANT SELECT ON pgrunner.retry_policies TO pgrunner_producer;
+    GRANT EXECUTE ON FUNCTION pgrunner.retry_policy TO pgrunner_producer;
     GRANT EXECUTE ON FUNCTION pgrunner.add_task(text, jsonb, text,
                                                 timestamptz, int, int, text),
                               pgrunner.cancel_task(bigint),

@@ -282,7 +282,7 @@ def test_session_terminated_in_each_phase(jdb, workers, request, tcp_proxy,
             port = db.scalar("SELECT client_port FROM pg_stat_activity"
                              " WHERE pid = %s", (pid,))
             proxy.hold_sync(port, marker=b"COMMIT" if phase == "sync"
-                            else b"pgr_lock")
+                            else b"lock_attempt")
             find = None
         else:
             hc.execute("SELECT pg_advisory_lock(4242, %s)",
