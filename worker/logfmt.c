@@ -238,6 +238,11 @@ static int format_double(char buf[32], double d) {
     strcpy(buf, d > 0 ? "+Inf" : "-Inf");
     return 0;
   }
+  /* "-0" would read back from the wire as the integer 0: one zero. */
+  if (d == 0) {
+    strcpy(buf, "0");
+    return 1;
+  }
   snprintf(buf, 32, "%.15g", d);
   if (strtod(buf, NULL) != d)
     snprintf(buf, 32, "%.17g", d);
