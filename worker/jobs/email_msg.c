@@ -908,7 +908,10 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
 
   root = json_loads(payload, 0, &jerr);
   if (root == NULL) {
-    rc = bad(errbuf, errlen, "payload is not valid JSON: %s", jerr.text);
+    /* jansson quotes the bytes it stopped at, which may be anything. */
+    char sh[JSON_ERROR_TEXT_LENGTH];
+    rc = bad(errbuf, errlen, "payload is not valid JSON: %s",
+             shown(jerr.text, sh, sizeof sh));
     goto out;
   }
   if (!json_is_object(root)) {
