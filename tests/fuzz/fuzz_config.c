@@ -31,7 +31,8 @@ static const char *const env_names[] = {
     "PGRUNNER_SMTP_USER",     "PGRUNNER_SMTP_PASSWORD",
     "PGRUNNER_SMTP_STARTTLS", "PGRUNNER_MAIL_FROM",
     "PGRUNNER_SMTP_HELO",     "PGRUNNER_MESSAGE_ID_DOMAIN",
-    "PGRUNNER_SMTP_TIMEOUT",
+    "PGRUNNER_SMTP_TIMEOUT",  "PGRUNNER_SMTP_CA_FILE",
+    "PGRUNNER_LISTEN_DB",     "PGRUNNER_WEB_LISTEN",
 };
 
 /* The duration grammar, independently: returns 0 and the total, or -1. */
@@ -171,6 +172,7 @@ static void check_config(const struct pgr_config *c) {
     FUZZ_CHECK(c->concurrency >= 1 && c->concurrency <= 1000);
     FUZZ_CHECK(c->poll_interval_ms >= 10 && c->poll_interval_ms <= 3600000);
     FUZZ_CHECK(c->shutdown_timeout_s >= 0 && c->shutdown_timeout_s <= 86400);
+    FUZZ_CHECK(c->listen_db == NULL || c->listen_db[0] != '\0');
     FUZZ_CHECK(c->metrics_host == NULL ||
                (c->metrics_host[0] != '\0' && c->metrics_port >= 1 &&
                 c->metrics_port <= 65535));
@@ -201,6 +203,10 @@ static void check_config(const struct pgr_config *c) {
   case PGR_CMD_CANCEL:
   case PGR_CMD_RETRY:
     FUZZ_CHECK(c->task_id >= 1);
+    break;
+  case PGR_CMD_WEB:
+    FUZZ_CHECK(c->metrics_host != NULL && c->metrics_host[0] != '\0' &&
+               c->metrics_port >= 1 && c->metrics_port <= 65535);
     break;
   default:
     break;
