@@ -56,7 +56,7 @@ status=0
 echo "== release build: unit tests and lint"
 (cd build && ctest --output-on-failure -L unit) || status=1
 echo "== fuzz targets: a short smoke run (tests/fuzz/run.sh)"
-tests/fuzz/run.sh 8 || status=1
+tests/fuzz/run.sh 7 || status=1
 echo "== ASan+UBSan build: unit and integration tests"
 (cd build-asan && ctest --output-on-failure -j"$jobs") || status=1
 if [ $quick = 0 ]; then
