@@ -8,6 +8,7 @@
 #                binary)
 #   build-tsan/  ThreadSanitizer: the integration tests that exercise the
 #                hand-off between the loop and the worker threads
+#   build-fuzz/  clang + libFuzzer: a few seconds of each fuzz target
 #
 # A sanitizer report makes the worker abort, which fails the test that ran it.
 # Usage: tests/run.sh [--quick]   (--quick: skip the TSan pass)
@@ -17,7 +18,8 @@ cd "$(dirname "$0")/.."
 PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
-  python3-aiosmtpd python3-websocket chromium openssl pgbouncer"
+  python3-aiosmtpd python3-websocket chromium openssl pgbouncer
+  clang libclang-rt-14-dev"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -53,6 +55,8 @@ export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 status=0
 echo "== release build: unit tests and lint"
 (cd build && ctest --output-on-failure -L unit) || status=1
+echo "== fuzz targets: a short smoke run (tests/fuzz/run.sh)"
+tests/fuzz/run.sh 7 || status=1
 echo "== ASan+UBSan build: unit and integration tests"
 (cd build-asan && ctest --output-on-failure -j"$jobs") || status=1
 if [ $quick = 0 ]; then

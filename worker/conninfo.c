@@ -373,8 +373,10 @@ static void conninfo_secrets(const char *conninfo, struct secrets *s,
   const char *auth = url_authority(conninfo);
   if (auth != NULL)
     url_secrets(auth, s);
-  else
-    keyword_secrets(conninfo, s, depth);
+  /* Also when it looks like a URL: libpq reads any scheme but postgres://
+     and postgresql:// as keyword=value text, where a later password= is
+     a password. Reading too much only masks more. */
+  keyword_secrets(conninfo, s, depth);
 }
 
 /* Longest first, so that a password is masked whole before its pieces. */

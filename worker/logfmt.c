@@ -238,6 +238,11 @@ static int format_double(char buf[32], double d) {
     strcpy(buf, d > 0 ? "+Inf" : "-Inf");
     return 0;
   }
+  /* "-0" would read back from the wire as the integer 0: one zero. */
+  if (d == 0) {
+    strcpy(buf, "0");
+    return 1;
+  }
   snprintf(buf, 32, "%.15g", d);
   if (strtod(buf, NULL) != d)
     snprintf(buf, 32, "%.17g", d);
@@ -263,20 +268,30 @@ static int key_char(unsigned char c) {
          (c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-';
 }
 
-/* add_key appends k reduced to key characters, so it never needs quoting. */
-static void add_key(struct pgr_buf *out, const char *k) {
+/*
+ * reduce_key appends k with every byte that is not a key character made
+ * '_' (a missing or empty key is "_"), so it never needs quoting. The wire
+ * carries keys reduced, byte for byte as a local record writes them: as
+ * JSON text an ill-formed byte would become U+FFFD, three bytes.
+ */
+static void reduce_key(struct pgr_buf *out, const char *k) {
   if (k == NULL || k[0] == '\0') {
     put1(out, '_');
     return;
   }
-  if (reserved_key(k))
-    put1(out, '_');
   size_t n = strlen(k), i = 0;
   while (i < n && key_char((unsigned char)k[i]))
     i++;
   put(out, k, i);
   for (; i < n; i++)
     put1(out, key_char((unsigned char)k[i]) ? k[i] : '_');
+}
+
+/* add_key appends k reduced, '_'-prefixed when it is one of the fixed keys. */
+static void add_key(struct pgr_buf *out, const char *k) {
+  if (k != NULL && reserved_key(k))
+    put1(out, '_');
+  reduce_key(out, k);
 }
 
 static void add_str(struct pgr_buf *out, const char *s) {
@@ -384,10 +399,9 @@ void pgr_logfmt_wire(struct pgr_buf *out, const struct pgr_logfmt_rec *r) {
   pgr_logfmt_json_string(out, msg, strlen(msg));
   add_str(out, ",\"f\":[");
   for (size_t i = 0; i < r->nfields; i++) {
-    const char *k = r->fields[i].key != NULL ? r->fields[i].key : "";
-    add_str(out, i == 0 ? "[" : ",[");
-    pgr_logfmt_json_string(out, k, strlen(k));
-    put1(out, ',');
+    add_str(out, i == 0 ? "[\"" : ",[\"");
+    reduce_key(out, r->fields[i].key);
+    add_str(out, "\",");
     json_value(out, &r->fields[i]);
     put1(out, ']');
   }

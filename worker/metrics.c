@@ -142,6 +142,23 @@ static size_t find_slot(const char *queue, const char *kind, uint32_t h) {
 }
 
 /*
+ * cut_label returns s, or its first MAX_LABEL bytes at most copied into
+ * buf, cut before a UTF-8 continuation byte: the exposition format is
+ * UTF-8, and half a character would make a scraper reject the whole page.
+ */
+static const char *cut_label(const char *s, char buf[MAX_LABEL + 1]) {
+  size_t n = MAX_LABEL;
+
+  if (strlen(s) <= MAX_LABEL)
+    return s;
+  while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+    n--;
+  memcpy(buf, s, n);
+  buf[n] = '\0';
+  return buf;
+}
+
+/*
  * lookup finds or creates the series for (queue, kind) under the caps. mu
  * held. Allocating here is the one exception to "no allocation under the
  * lock": it happens at most MAX_SERIES times in the life of the process.
@@ -155,16 +172,8 @@ static struct series *lookup(const char *queue, const char *kind) {
     queue = "";
   if (kind == NULL)
     kind = "";
-  if (strlen(queue) > MAX_LABEL) {
-    memcpy(qbuf, queue, MAX_LABEL);
-    qbuf[MAX_LABEL] = '\0';
-    queue = qbuf;
-  }
-  if (strlen(kind) > MAX_LABEL) {
-    memcpy(kbuf, kind, MAX_LABEL);
-    kbuf[MAX_LABEL] = '\0';
-    kind = kbuf;
-  }
+  queue = cut_label(queue, qbuf);
+  kind = cut_label(kind, kbuf);
   i = find_slot(queue, kind, hash_labels(queue, kind));
   if (slots[i] != 0)
     return series[slots[i] - 1];

@@ -148,3 +148,10 @@ Test(conninfo, a_quoted_keyword_password_is_masked_as_written_and_unescaped) {
   expect_masked("password=ab\\ cd host=x", "echo ab cd and ab\\ cd",
                 (const char *[]){"ab cd", "ab\\ cd", NULL});
 }
+
+Test(conninfo, a_password_after_a_non_postgres_scheme_is_masked) {
+  /* libpq reads anything but postgres:// and postgresql:// as keyword=value
+     text, where this password= is a password like any other. */
+  expect_masked("mysql://u:x@h password='s3cr3t'", "echo s3cr3t",
+                (const char *[]){"s3cr3t", NULL});
+}

@@ -726,6 +726,26 @@ Test(email_build, encodes_utf8_subjects_and_display_names) {
   pgr_email_free(&m);
 }
 
+Test(email_build, encodes_a_display_name_word_too_long_for_a_line) {
+  /* One 1000-letter word: written as an atom it made a 1004-octet line. */
+  char payload[1200], name[1001], err[512], *v, *dec;
+  struct pgr_email m;
+  memset(name, 'x', 1000);
+  name[1000] = '\0';
+  snprintf(payload, sizeof payload,
+           "{\"to\": \"%s <a@example.com>\", \"text\": \"x\"}", name);
+  cr_assert(eq(int, build(payload, &m, err, sizeof err), 0), "%s", err);
+  check_lines(&m);
+  v = header_value(&m, "To");
+  cr_assert(strncmp(v, " =?UTF-8?B?", 11) == 0, "%.60s", v);
+  *strstr(v, " <a@example.com>") = '\0';
+  dec = decode_words(v);
+  cr_expect(eq(str, dec, name));
+  free(dec);
+  free(v);
+  pgr_email_free(&m);
+}
+
 Test(email_build, adds_custom_headers_and_reply_to) {
   struct pgr_email m;
   char err[512], *v;

@@ -34,6 +34,9 @@
  * word fits on a line after "Subject: " or a folding space (RFC 2047 2: an
  * encoded-word is at most 75 characters). */
 #define EW_BYTES 39
+/* The longest word of a display name written as it is: with "Reply-To: "
+ * before it, it still fits in 78 columns. Longer words are encoded. */
+#define MAX_ATOM 60
 
 struct mbox {
   char *name; /* display name, NULL if none */
@@ -450,12 +453,18 @@ void pgr_email_header(struct pgr_buf *b, const char *name, const char *value) {
 /* hw_phrase writes a display name: atoms as they are, a quoted-string
  * when it has specials, encoded-words when it is not plain ASCII. */
 static void hw_phrase(struct hw *w, const char *name) {
-  size_t n = strlen(name);
+  size_t n = strlen(name), run = 0;
   int atoms = 1, quotable = plain_text(name) && n <= 64;
 
-  for (const char *p = name; *p != '\0'; p++)
+  /* A word that would not fit on a line is encoded: written as it is, a
+   * long one made a line of more than 998 octets. */
+  for (const char *p = name; *p != '\0'; p++) {
     if (!is_atext((unsigned char)*p) && *p != ' ')
       atoms = 0;
+    run = *p == ' ' ? 0 : run + 1;
+    if (run > MAX_ATOM)
+      atoms = 0;
+  }
   if (atoms && plain_text(name) && strstr(name, "=?") == NULL) {
     const char *p = name;
     while (*p != '\0') {
@@ -908,7 +917,10 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
 
   root = json_loads(payload, 0, &jerr);
   if (root == NULL) {
-    rc = bad(errbuf, errlen, "payload is not valid JSON: %s", jerr.text);
+    /* jansson quotes the bytes it stopped at, which may be anything. */
+    char sh[JSON_ERROR_TEXT_LENGTH];
+    rc = bad(errbuf, errlen, "payload is not valid JSON: %s",
+             shown(jerr.text, sh, sizeof sh));
     goto out;
   }
   if (!json_is_object(root)) {
