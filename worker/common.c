@@ -13,30 +13,6 @@
 
 static _Thread_local int on_loop_thread;
 
-const char *pgr_strerror(int err) {
-  switch (err) {
-  case PGR_OK:
-    return "success";
-  case PGR_EUSAGE:
-    return "bad usage";
-  case PGR_EDB:
-    return "database error";
-  case PGR_ECONN:
-    return "connection failed";
-  case PGR_EJSON:
-    return "malformed JSON";
-  case PGR_EIO:
-    return "I/O error";
-  case PGR_ENOTFOUND:
-    return "not found";
-  case PGR_ESCHEMA:
-    return "schema not migrated";
-  case PGR_EINVAL:
-    return "invalid argument";
-  }
-  return "unknown error";
-}
-
 void pgr_fatal(const char *file, int line, const char *fmt, ...) {
   va_list ap;
   fprintf(stderr, "pgrunner: fatal: %s:%d: ", file, line);
@@ -207,4 +183,27 @@ void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s) {
     pgr_buf_addc(b, *s);
   }
   pgr_buf_addc(b, '"');
+}
+
+/*
+ * The length of the well-formed UTF-8 sequence at p, of the n bytes there
+ * (1 to 4), or 0 when p starts an ill-formed one (RFC 3629: no overlongs,
+ * no surrogates, nothing above U+10FFFF). n is at least 1.
+ */
+size_t pgr_utf8_len(const unsigned char *p, size_t n) {
+  unsigned c = p[0];
+  if (c < 0x80)
+    return 1;
+  if (c < 0xC2 || c > 0xF4)
+    return 0;
+  size_t len = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+  if (n < len)
+    return 0;
+  for (size_t i = 1; i < len; i++)
+    if ((p[i] & 0xC0) != 0x80)
+      return 0;
+  if ((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] > 0x9F) ||
+      (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] > 0x8F))
+    return 0;
+  return len;
 }

@@ -27,11 +27,8 @@ enum {
   PGR_EJSON = -4,  /* malformed JSON */
   PGR_EIO = -5,    /* file or socket I/O */
   PGR_ENOTFOUND = -6,
-  PGR_ESCHEMA = -7, /* schema not migrated */
   PGR_EINVAL = -8,  /* invalid argument */
 };
-
-const char *pgr_strerror(int err);
 
 noreturn void pgr_fatal(const char *file, int line, const char *fmt, ...)
     PGR_PRINTF(3, 4);
@@ -110,6 +107,9 @@ void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
 
 /* One element of a PostgreSQL array literal: double-quoted, escaped. */
 void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);
+/* The length of the well-formed UTF-8 sequence at p (n bytes there), 1 to
+ * 4, or 0 if it is ill-formed (common.c). */
+size_t pgr_utf8_len(const unsigned char *p, size_t n);
 /* A whole PostgreSQL text[] literal of n strings. */
 void pgr_buf_add_array(struct pgr_buf *b, const char *const *items, size_t n);
 

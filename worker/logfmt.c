@@ -117,29 +117,6 @@ void pgr_logfmt_ts(char out[PGR_LOGFMT_TS_SIZE], int64_t ms) {
   out[24] = '\0';
 }
 
-/*
- * utf8_len returns the length of the well-formed UTF-8 sequence at p (1 to
- * 4), or 0 when p starts an ill-formed one (RFC 3629: no overlongs, no
- * surrogates, nothing above U+10FFFF).
- */
-static size_t utf8_len(const unsigned char *p, size_t n) {
-  unsigned c = p[0];
-  if (c < 0x80)
-    return 1;
-  if (c < 0xC2 || c > 0xF4)
-    return 0;
-  size_t len = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
-  if (n < len)
-    return 0;
-  for (size_t i = 1; i < len; i++)
-    if ((p[i] & 0xC0) != 0x80)
-      return 0;
-  if ((c == 0xE0 && p[1] < 0xA0) || (c == 0xED && p[1] > 0x9F) ||
-      (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] > 0x8F))
-    return 0;
-  return len;
-}
-
 /* Whether the ASCII byte c must be escaped inside a quoted value. */
 static int must_escape(unsigned char c) {
   return c < 0x20 || c == '"' || c == '\\' || c == 0x7f;
@@ -163,7 +140,7 @@ static void add_text(struct pgr_buf *out, const char *s, size_t n) {
         continue;
       }
     } else {
-      len = utf8_len(p + i, n - i);
+      len = pgr_utf8_len(p + i, n - i);
       if (len != 0) {
         i += len;
         continue;

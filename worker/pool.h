@@ -90,8 +90,6 @@ int pgr_pool_interrupt(struct pgr_pool *pool, int64_t id, int attempt,
 uint64_t pgr_pool_running_since(struct pgr_pool *pool, int64_t id);
 /* Take back every submitted claim no thread has started (shutdown). */
 struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *pool);
-/* Threads whose connection is up. */
-int pgr_pool_connected(struct pgr_pool *pool);
 /*
  * Stop the threads once their queue is empty and join them (main thread).
  * A thread still busy after timeout_ms is left running: PGR_EIO, and the

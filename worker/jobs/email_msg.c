@@ -336,18 +336,6 @@ static void hw_end(struct hw *w) {
   pgr_buf_add(w->b, "\r\n", 2);
 }
 
-static size_t utf8_len(unsigned char c) {
-  if (c < 0x80)
-    return 1;
-  if ((c & 0xE0) == 0xC0)
-    return 2;
-  if ((c & 0xF0) == 0xE0)
-    return 3;
-  if ((c & 0xF8) == 0xF0)
-    return 4;
-  return 1; /* not a lead byte: jansson only passes valid UTF-8 anyway */
-}
-
 static const char b64chars[] =
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -377,9 +365,10 @@ static void hw_encoded(struct hw *w, const char *text) {
   do {
     size_t j = i;
     while (j < n) {
-      size_t cl = utf8_len((unsigned char)text[j]);
-      if (j + cl > n)
-        cl = n - j;
+      /* jansson passes valid UTF-8 only; a stray byte goes alone. */
+      size_t cl = pgr_utf8_len((const unsigned char *)text + j, n - j);
+      if (cl == 0)
+        cl = 1;
       if (j > i && j + cl - i > EW_BYTES)
         break;
       j += cl;

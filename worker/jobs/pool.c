@@ -185,14 +185,6 @@ struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *p) {
   return list;
 }
 
-int pgr_pool_connected(struct pgr_pool *p) {
-  int n;
-  uv_mutex_lock(&p->mu);
-  n = p->connected;
-  uv_mutex_unlock(&p->mu);
-  return n;
-}
-
 int pgr_pool_stopping(struct pgr_pool *p) {
   int stopping;
   uv_mutex_lock(&p->mu);

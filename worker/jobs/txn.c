@@ -84,34 +84,16 @@ static const char settings14_sql[] =
 static const char check_sql[] =
     "SELECT state, attempts, worker_id FROM pgrunner.tasks WHERE id = $1";
 
-/* Length of the valid UTF-8 sequence at p, or 0 if it is not one. */
-static size_t utf8_len(const unsigned char *p) {
-  size_t n;
-  if (p[0] < 0x80)
-    return 1;
-  if (p[0] >= 0xc2 && p[0] <= 0xdf)
-    n = 2;
-  else if (p[0] >= 0xe0 && p[0] <= 0xef)
-    n = 3;
-  else if (p[0] >= 0xf0 && p[0] <= 0xf4)
-    n = 4;
-  else
-    return 0;
-  for (size_t i = 1; i < n; i++)
-    if ((p[i] & 0xc0) != 0x80)
-      return 0;
-  return n;
-}
-
 /* last_error is kept whole and printable: control characters other than
    newline and tab become spaces, and bytes that are not UTF-8 (which the
    server would refuse, losing the record) become '?'. */
 static char *printable(const char *msg) {
   struct pgr_buf b;
   const unsigned char *p = (const unsigned char *)(msg ? msg : "");
+  const unsigned char *end = p + strlen((const char *)p);
   pgr_buf_init(&b);
   while (*p) {
-    size_t n = utf8_len(p);
+    size_t n = pgr_utf8_len(p, (size_t)(end - p));
     if (n == 0) {
       pgr_buf_addc(&b, '?');
       p++;
