@@ -471,19 +471,13 @@ static int apply(struct pgr_config *cfg, int opt, const char *val,
       return usage_error(errbuf, errlen, "%s: empty connection string", src);
     set_str(&cfg->db, val);
     return 0;
-  case OPT_LISTEN_DB: {
-    /* Checked here, naming where it came from; --db's own check happens
-       when it is first used. The parser's message is password-free. */
-    struct pgr_conninfo ci;
-    char why[512];
+  case OPT_LISTEN_DB:
+    /* Parsed when `work` starts, like --db: a malformed one ends it with
+       exit 1 (SPEC section 9), not with a usage error. */
     if (*val == '\0')
       return usage_error(errbuf, errlen, "%s: empty connection string", src);
-    if (pgr_conninfo_parse(val, NULL, &ci, why, sizeof why) != 0)
-      return usage_error(errbuf, errlen, "%s: %s", src, why);
-    pgr_conninfo_free(&ci);
     set_str(&cfg->listen_db, val);
     return 0;
-  }
   case OPT_LOG_DIR: {
     struct stat st;
     if (stat(val, &st) != 0 || !S_ISDIR(st.st_mode))

@@ -280,14 +280,15 @@ def test_unknown_database_exits_1_at_start(pg, workers):
     assert "not retrying" in out, out
 
 
-def test_malformed_conninfo_value_exits_2_at_start(pg, workers):
+def test_malformed_conninfo_value_exits_1_at_start(pg, workers):
     # Parses as a connection string; libpq refuses the value when it starts
-    # connecting. SPEC section 5: bad configuration is exit 2.
+    # connecting. SPEC section 9: a malformed conninfo is an error waiting
+    # cannot heal, exit 1 naming the cause.
     w = start_worker(workers, pg.dsn() + " sslmode=sometimes",
                      "--concurrency", "2")
     rc = wait_exit(w, 60)
     out = w.output()
-    assert rc == 2, out
+    assert rc == 1, out
     assert "sslmode" in out, out
 
 

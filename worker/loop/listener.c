@@ -459,7 +459,7 @@ void pgr_listener_on_connect_failed(struct pgr_pgconn *c, int kind,
     return;
   pgr_error("cannot connect to the database; not retrying",
             PGR_LS("error", why), PGR_LS("class", pgr_connerr_name(kind)));
-  pgr_loop_fail(l, kind == PGR_CONNERR_CONFIG ? 2 : 1);
+  pgr_loop_fail(l, 1); /* SPEC section 9: each of these is exit 1 */
 }
 
 /* A setting we can do without (plan_cache_mode is PostgreSQL 12+). */

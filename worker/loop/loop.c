@@ -190,21 +190,24 @@ int pgr_loop_run(const struct pgr_config *cfg) {
 
   PGR_ASSERT(uv_loop_init(&l->loop) == 0);
   loop_ok = 1;
-  /* The worker threads' conninfo is parsed only when they connect: check
-     it now, so a malformed one is a usage error rather than retries. */
+  /* A malformed conninfo is an error waiting cannot heal: exit 1 now,
+     naming it (SPEC section 9), rather than retry. The worker threads'
+     conninfo is parsed only when they connect, so it is checked here. */
   if (cfg->listen_db) {
     struct pgr_conninfo ci;
     if (pgr_conninfo_parse(cfg->db, NULL, &ci, err, sizeof err) != 0) {
-      fprintf(stderr, "pgrunner: %s\n", err);
-      rc = 2;
+      fprintf(stderr, "pgrunner: --db: %s\n", err);
+      rc = 1;
       goto out;
     }
     pgr_conninfo_free(&ci);
   }
   if (pgr_pgconn_init(&l->loop, &l->pg, pgr_config_listen_db(cfg), l->appname,
                       err, sizeof err) != 0) {
-    fprintf(stderr, "pgrunner: %s\n", err);
-    rc = 2;
+    const char *which =
+        cfg->listen_db ? "--listen-db (PGRUNNER_LISTEN_DB)" : "--db";
+    fprintf(stderr, "pgrunner: %s: %s\n", which, err);
+    rc = 1;
     goto out;
   }
   l->pg.data = l;
