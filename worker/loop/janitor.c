@@ -158,20 +158,17 @@ static void report_stats(struct pgr_loop *l) {
     pgr_buf_init(&arr[k]);
     pgr_buf_addc(&arr[k], '{');
   }
+  static const int outcome[3] = {PGR_DONE_SUCCEEDED, PGR_DONE_FAILED,
+                                  PGR_DONE_RETRY};
   for (size_t i = 0; i < cfg->nqueues; i++) {
     for (int k = 0; k < 4; k++)
       if (i > 0)
         pgr_buf_addc(&arr[k], ',');
     pgr_buf_add_array_elem(&arr[0], cfg->queues[i].name);
-    pgr_buf_printf(&arr[1], "%llu",
-                   (unsigned long long)(l->queue_done[i][PGR_DONE_SUCCEEDED] -
-                                        l->queue_reported[i][PGR_DONE_SUCCEEDED]));
-    pgr_buf_printf(&arr[2], "%llu",
-                   (unsigned long long)(l->queue_done[i][PGR_DONE_FAILED] -
-                                        l->queue_reported[i][PGR_DONE_FAILED]));
-    pgr_buf_printf(&arr[3], "%llu",
-                   (unsigned long long)(l->queue_done[i][PGR_DONE_RETRY] -
-                                        l->queue_reported[i][PGR_DONE_RETRY]));
+    for (int k = 0; k < 3; k++)
+      pgr_buf_printf(&arr[k + 1], "%llu",
+                     (unsigned long long)(l->queue_done[i][outcome[k]] -
+                                          l->queue_reported[i][outcome[k]]));
   }
   for (int k = 0; k < 4; k++)
     pgr_buf_addc(&arr[k], '}');
@@ -331,15 +328,17 @@ int pgr_janitor_init(struct pgr_loop *l, char *err, size_t errlen) {
   l->maint.data = l;
   l->maint.on_up = on_up;
   l->maint.on_down = on_down;
-  uv_timer_init(&l->loop, &l->heartbeat_timer);
-  uv_timer_init(&l->loop, &l->prune_timer);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->heartbeat_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->prune_timer) == 0);
   return 0;
 }
 
 void pgr_janitor_start(struct pgr_loop *l) {
   pgr_pgconn_start(&l->maint);
-  uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000, 1000);
-  uv_timer_start(&l->prune_timer, on_prune_timer, 5000, PRUNE_EVERY_MS);
+  PGR_ASSERT(uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000,
+                            1000) == 0);
+  PGR_ASSERT(uv_timer_start(&l->prune_timer, on_prune_timer, 5000,
+                            PRUNE_EVERY_MS) == 0);
 }
 
 void pgr_janitor_stop(struct pgr_loop *l) {

@@ -115,8 +115,9 @@ static void begin_shutdown(struct pgr_loop *l, const char *why) {
   uv_timer_stop(&l->wake_timer);
   pgr_janitor_stop(l);
   pgr_dispatch_give_back(l);
-  uv_timer_start(&l->shutdown_timer, on_shutdown_timer,
-                 (uint64_t)l->cfg->shutdown_timeout_s * 1000, 0);
+  /* May fail only on a closing handle: the loop is ending anyway. */
+  (void)uv_timer_start(&l->shutdown_timer, on_shutdown_timer,
+                       (uint64_t)l->cfg->shutdown_timeout_s * 1000, 0);
   pgr_loop_maybe_finish(l);
 }
 
@@ -221,18 +222,19 @@ int pgr_loop_run(const struct pgr_config *cfg) {
     goto out;
   }
 
-  uv_async_init(&l->loop, &l->done_async, pgr_dispatch_on_done);
-  uv_timer_init(&l->loop, &l->wake_timer);
-  uv_timer_init(&l->loop, &l->poll_timer);
-  uv_timer_init(&l->loop, &l->watchdog_timer);
-  uv_timer_init(&l->loop, &l->shutdown_timer);
-  uv_signal_init(&l->loop, &l->sigterm);
-  uv_signal_init(&l->loop, &l->sigint);
-  uv_signal_init(&l->loop, &l->sighup);
+  PGR_ASSERT(uv_async_init(&l->loop, &l->done_async, pgr_dispatch_on_done) ==
+             0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->wake_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->poll_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->watchdog_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->shutdown_timer) == 0);
+  PGR_ASSERT(uv_signal_init(&l->loop, &l->sigterm) == 0);
+  PGR_ASSERT(uv_signal_init(&l->loop, &l->sigint) == 0);
+  PGR_ASSERT(uv_signal_init(&l->loop, &l->sighup) == 0);
   l->sigterm.data = l->sigint.data = l->sighup.data = l;
-  uv_signal_start(&l->sigterm, on_signal, SIGTERM);
-  uv_signal_start(&l->sigint, on_signal, SIGINT);
-  uv_signal_start(&l->sighup, on_signal, SIGHUP);
+  PGR_ASSERT(uv_signal_start(&l->sigterm, on_signal, SIGTERM) == 0);
+  PGR_ASSERT(uv_signal_start(&l->sigint, on_signal, SIGINT) == 0);
+  PGR_ASSERT(uv_signal_start(&l->sighup, on_signal, SIGHUP) == 0);
 
   pgr_health_reset(cfg->concurrency);
   PGR_ASSERT(pgr_pool_create(cfg, handlers, l->appname, &l->done_async,

@@ -403,9 +403,7 @@ static void fail_commands(struct pgr_pgconn *c) {
 
 static void lost(struct pgr_pgconn *c, const char *why) {
   char *safe = pgr_redact(c->conninfo, why);
-  size_t l = strlen(safe);
-  while (l && (safe[l - 1] == '\n' || safe[l - 1] == ' '))
-    safe[--l] = '\0';
+  pgr_trim_end(safe);
   snprintf(c->last_error, sizeof c->last_error, "%s", safe);
   free(safe);
   unwatch(c);
