@@ -9,6 +9,7 @@
  * Exit codes (SPEC section 5): 0 success or clean shutdown, 1 runtime
  * failure, 2 bad usage or bad configuration with a one-line reason on stderr.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +70,18 @@ int main(int argc, char **argv) {
 
   /* A peer closing a socket must not kill us; writes report EPIPE. */
   signal(SIGPIPE, SIG_IGN);
+  /* A SIGTERM that comes while `work` is still starting (before its loop
+     watches signals) must stop it cleanly, not kill it: hold the stop
+     signals from the first instruction on. Threads started meanwhile
+     inherit the mask, so the main thread is the one that takes them once
+     the loop unblocks them (pgr_loop_run); the other commands unblock them
+     below, `web` waits for them with sigwait(). */
+  sigset_t stops;
+  sigemptyset(&stops);
+  sigaddset(&stops, SIGTERM);
+  sigaddset(&stops, SIGINT);
+  sigaddset(&stops, SIGHUP);
+  pthread_sigmask(SIG_BLOCK, &stops, NULL);
 
   if (pgr_config_parse(&cfg, argc, argv, err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
@@ -110,6 +123,8 @@ int main(int argc, char **argv) {
     return lrc == PGR_EUSAGE ? 2 : 1;
   }
 
+  if (cfg.command != PGR_CMD_WORK && cfg.command != PGR_CMD_WEB)
+    pthread_sigmask(SIG_UNBLOCK, &stops, NULL);
   switch (cfg.command) {
   case PGR_CMD_WORK:
     rc = pgr_loop_run(&cfg);
