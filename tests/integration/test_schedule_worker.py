@@ -10,11 +10,15 @@ def test_due_schedule_fires_once_with_two_workers(mdb, workers):
               "LANGUAGE sql AS $$ INSERT INTO ran DEFAULT VALUES $$")
     mdb.query("SELECT pgrunner.add_schedule('yearly', '0 0 1 1 *', "
               "'tick')")
+    w1 = workers(mdb)
+    w2 = workers(mdb)
+    # Both are up and compete for the slot (and neither is stopped while
+    # it is still starting, before it handles SIGTERM).
+    wait_until(lambda: mdb.scalar("SELECT count(*) FROM pgrunner.workers")
+               == 2, what="both workers registered")
     # Make the slot due now (a yearly cron cannot fire again during the test).
     mdb.query("UPDATE pgrunner.schedules SET next_run_at = now() - "
               "interval '3 minutes'")
-    w1 = workers(mdb)
-    w2 = workers(mdb)
     wait_until(lambda: mdb.scalar("SELECT count(*) FROM ran") >= 1,
                what="the scheduled task ran")
     wait_until(lambda: mdb.scalar(
