@@ -55,6 +55,7 @@ struct pgr_loop {
   uv_timer_t wake_timer;      /* the earliest future run_at */
   uint64_t wake_at_ms;        /* wall clock of wake_timer; 0: not armed */
   uv_timer_t poll_timer;      /* --poll-interval fallback */
+  uv_timer_t gather_timer;    /* a claim waiting for more idle threads */
   uv_timer_t heartbeat_timer; /* register, heartbeat, recovery */
   uv_timer_t prune_timer;     /* retention */
   uv_timer_t watchdog_timer;  /* task time limits */
@@ -89,6 +90,7 @@ struct pgr_loop {
   unsigned ticks;  /* heartbeat timer ticks */
   int claiming;    /* a claim query is in flight */
   int claim_asked; /* how many it asked for */
+  int gathered;    /* the gather timer ran out: claim for what is idle */
   int more;        /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int sweep_busy;

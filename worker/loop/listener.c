@@ -201,6 +201,14 @@ static void reset_cursors(struct pgr_loop *l) {
     l->cursors[i].set = 0;
 }
 
+#define GATHER_MS 1
+
+static void on_gather_timer(uv_timer_t *t) {
+  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, gather_timer);
+  l->gathered = 1;
+  pgr_listener_claim(l);
+}
+
 void pgr_listener_claim(struct pgr_loop *l) {
   const struct pgr_config *cfg = l->cfg;
   struct pgr_buf names, limits, prios, ats, ids;
@@ -222,6 +230,22 @@ void pgr_listener_claim(struct pgr_loop *l) {
   free_slots = cfg->concurrency - l->ninflight;
   if (free_slots <= 0)
     return;
+  /* Under a backlog threads free up one by one, and a claim for each
+     would cost one claim statement per task, where one for a quarter of
+     the threads costs about the same as one for a single thread. So while
+     others still run, a claim waits up to GATHER_MS for more threads to
+     free up (on a busy machine the idle ones cost nothing: the processors
+     are busy with the rest). An idle worker claims at once. */
+  if (free_slots < (cfg->concurrency + 3) / 4 && l->ninflight > 0 &&
+      !l->gathered) {
+    l->more = 1;
+    if (!uv_is_active((uv_handle_t *)&l->gather_timer))
+      PGR_ASSERT(uv_timer_start(&l->gather_timer, on_gather_timer, GATHER_MS,
+                                0) == 0);
+    return;
+  }
+  l->gathered = 0;
+  uv_timer_stop(&l->gather_timer);
   uint64_t now = uv_now(&l->loop);
   if (now - l->swept_ms >= SWEEP_EVERY_MS) {
     l->swept_ms = now;

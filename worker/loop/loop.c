@@ -48,6 +48,8 @@ static void on_pg_closed(struct pgr_pgconn *c) {
 static void close_all(struct pgr_loop *l) {
   uv_timer_stop(&l->wake_timer);
   uv_close((uv_handle_t *)&l->wake_timer, on_closed);
+  uv_timer_stop(&l->gather_timer);
+  uv_close((uv_handle_t *)&l->gather_timer, on_closed);
   uv_close((uv_handle_t *)&l->poll_timer, on_closed);
   uv_close((uv_handle_t *)&l->heartbeat_timer, on_closed);
   uv_close((uv_handle_t *)&l->prune_timer, on_closed);
@@ -227,6 +229,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
              0);
   PGR_ASSERT(uv_timer_init(&l->loop, &l->wake_timer) == 0);
   PGR_ASSERT(uv_timer_init(&l->loop, &l->poll_timer) == 0);
+  PGR_ASSERT(uv_timer_init(&l->loop, &l->gather_timer) == 0);
   PGR_ASSERT(uv_timer_init(&l->loop, &l->watchdog_timer) == 0);
   PGR_ASSERT(uv_timer_init(&l->loop, &l->shutdown_timer) == 0);
   PGR_ASSERT(uv_signal_init(&l->loop, &l->sigterm) == 0);
