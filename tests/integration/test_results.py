@@ -3,12 +3,14 @@ handler's output are stored in pgrunner.tasks.output with the task's end;
 pgrunner.wait_task(id, timeout) returns (state, output, last_error) once the
 task has ended; retry_task clears the output."""
 
+import html
 import threading
+import urllib.request
 
 import psycopg2
 import pytest
 
-from pgr_fixtures import plugin_path, wait_until
+from pgr_fixtures import free_port, plugin_path, wait_until
 
 JOBS = """
 CREATE SCHEMA IF NOT EXISTS pgrunner_jobs;
@@ -73,7 +75,8 @@ def test_a_sql_jobs_return_value_is_stored_as_its_output(mdb, workers):
         "fail": add(mdb, "r_fail", max_attempts=1),
         "pr001": add(mdb, "r_pr001", max_attempts=1),
     }
-    w = workers(mdb)
+    port = free_port()
+    w = workers(mdb, "--metrics-listen", f"127.0.0.1:{port}")
     wait_final(mdb, t.values())
     assert row(mdb, t["jsonb"]) == ("succeeded", 1, None,
                                     {"echo": {"a": [1, 2]}, "n": 1})
@@ -91,6 +94,11 @@ def test_a_sql_jobs_return_value_is_stored_as_its_output(mdb, workers):
         ["jsonb", "void"]
     out = w.output()
     assert f"task={t['pr001']}" in out and "no longer ours" not in out
+    # The dashboard's task page shows the output (escaped, pretty-printed).
+    with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/task/{t['text']}", timeout=30) as r:
+        page = html.unescape(r.read().decode())
+    assert '<pre id="output">"hello ada"</pre>' in page
     assert w.stop() == 0
 
 
