@@ -18,6 +18,8 @@ import pytest
 from pgr_fixtures import free_port, run_pgrunner, wait_until
 
 FINAL = ("succeeded", "failed", "cancelled")
+# Requests go straight to the test's server even where a proxy is set.
+NOPROXY = {"no_proxy": "*", "NO_PROXY": "*"}
 
 
 class Recorder(http.server.ThreadingHTTPServer):
@@ -142,7 +144,7 @@ def test_a_2xx_answer_succeeds_with_status_and_body_as_output(mdb, workers,
                       "body": "a=1"})
     get = add(mdb, {"url": web.base + "/ok?x=1", "method": "GET"})
     big = add(mdb, {"url": web.base + "/big", "method": "GET"})
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, [post, put, typed, get, big])
 
     assert row(mdb, post) == ("succeeded", 1, None,
@@ -189,7 +191,7 @@ def test_retryable_answers_retry_with_the_same_idempotency_key(mdb, workers,
     ids = {code: add(mdb, {"url": f"{web.base}/flaky/2/{code}",
                            "body": {"code": code}})
            for code in (408, 429, 500, 503)}
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, ids.values())
     for code, tid in ids.items():
         assert row(mdb, tid) == ("succeeded", 3, None,
@@ -220,7 +222,7 @@ def test_retry_after_sets_the_retry_delay_up_to_the_policys_cap(mdb, workers,
               "jitter => 0)", (capped_q,))
     capped = add(mdb, {"url": web.base + "/status/503?ra=3600"},
                  queue=capped_q)
-    w = workers(mdb, "--queues", f"default,{capped_q}")
+    w = workers(mdb, "--queues", f"default,{capped_q}", env=NOPROXY)
     wait_until(lambda: all(row(mdb, t)[1] == 1 and row(mdb, t)[0] == "queued"
                            for t in (secs, date, capped)),
                what="first attempts recorded")
@@ -241,7 +243,7 @@ def test_other_4xx_and_redirects_fail_at_once(mdb, workers, web):
     fast_retries(mdb)
     ids = {p: add(mdb, {"url": web.base + p})
            for p in ("/status/400", "/status/404", "/redirect")}
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, ids.values())
     st, att, err, out = row(mdb, ids["/status/404"])
     assert (st, att) == ("failed", 1)
@@ -265,7 +267,7 @@ def test_no_answer_retries_and_the_password_never_shows(mdb, workers, web):
                   max_attempts=2)
     secret = add(mdb, {"url": f"http://ada:s3cr3t-pw@127.0.0.1:{web.port}"
                               "/status/500?token=t0k3n"}, max_attempts=2)
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, [refused, secret])
     st, att, err, out = row(mdb, refused)
     assert (st, att, out) == ("failed", 2, None)
@@ -288,7 +290,7 @@ def test_no_answer_retries_and_the_password_never_shows(mdb, workers, web):
 def test_a_slow_answer_is_cut_at_the_tasks_time_limit(mdb, workers, web):
     tid = add(mdb, {"url": web.base + "/slow/30"}, timeout_seconds=1,
               max_attempts=1)
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, [tid], timeout=20)
     st, att, err, _ = row(mdb, tid)
     assert (st, att) == ("failed", 1)
@@ -299,7 +301,7 @@ def test_a_slow_answer_is_cut_at_the_tasks_time_limit(mdb, workers, web):
 
 def test_cancel_and_shutdown_abort_the_transfer(mdb, workers, web):
     cancelled = add(mdb, {"url": web.base + "/slow/60"})
-    w = workers(mdb, "--shutdown-timeout", "1")
+    w = workers(mdb, "--shutdown-timeout", "1", env=NOPROXY)
     wait_until(lambda: len(web.to("/slow/60")) == 1, what="request sent")
     assert mdb.scalar("SELECT pgrunner.cancel_task(%s)", (cancelled,)) is True
     wait_final(mdb, [cancelled], timeout=20)
@@ -345,7 +347,7 @@ def test_a_bad_payload_fails_at_once_without_a_request(mdb, workers, web):
     ids = [add(mdb, p) for p, _ in BAD]
     arr = mdb.scalar("INSERT INTO pgrunner.tasks (kind, payload) VALUES "
                      "('http', '[]') RETURNING id")
-    w = workers(mdb)
+    w = workers(mdb, env=NOPROXY)
     wait_final(mdb, ids + [arr])
     for tid, (payload, why) in zip(ids, BAD):
         assert row(mdb, tid) == ("failed", 1, "invalid http payload: " + why,
@@ -359,7 +361,8 @@ def test_a_bad_payload_fails_at_once_without_a_request(mdb, workers, web):
 def test_the_allow_list_admits_only_the_hosts_it_names(mdb, workers, web):
     named = add(mdb, {"url": f"http://LOCALHOST:{web.port}/ok"})
     other = add(mdb, {"url": web.base + "/ok"})
-    w = workers(mdb, env={"PGRUNNER_HTTP_ALLOW": " example.org, localhost "})
+    w = workers(mdb, env=dict(NOPROXY,
+                              PGRUNNER_HTTP_ALLOW=" example.org, localhost "))
     wait_final(mdb, [named, other])
     assert row(mdb, named)[:2] == ("succeeded", 1)
     assert row(mdb, other) == (
