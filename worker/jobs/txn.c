@@ -7,9 +7,10 @@
  *   BEGIN;
  *   SELECT pgrunner.lock_attempt(id, attempt, worker);      -- lock + verify
  *   <the handler's work>
- *   SELECT pgrunner.complete_attempt(id, attempt, worker);  -- mark, timed
+ *   SELECT pgrunner.complete_attempt(id, attempt, worker, output);  -- mark
  *   COMMIT;
- * A SQL-function task sends all of it as one pipeline (one round trip); a C
+ * A SQL-function task sends all of it as one pipeline (one round trip), its
+ * call being the output argument of the mark (call_complete_fmt); a C
  * handler's attempt is two: the opening pair, then the closing pair. The
  * built-in noop needs no transaction block: its attempt is the single
  * UPDATE that marks it, itself a transaction.
