@@ -20,7 +20,8 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       -o Dpkg::Options::=--force-unsafe-io \
       cmake make gcc libc6-dev pkgconf \
-      libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev libjansson-dev libssl-dev \
+      libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev libcurl4-openssl-dev \
+      libjansson-dev libssl-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY CMakeLists.txt ./
@@ -39,7 +40,7 @@ FROM ${BASE_IMAGE}
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       -o Dpkg::Options::=--force-unsafe-io \
-      libpq5 libuv1 libesmtp6 libmicrohttpd12 libjansson4 libssl3 \
+      libpq5 libuv1 libesmtp6 libmicrohttpd12 libcurl4 libjansson4 libssl3 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --home-dir /nonexistent \
       --no-create-home --shell /usr/sbin/nologin pgrunner \

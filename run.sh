@@ -27,7 +27,7 @@ DATA_DIR=${PGRUNNER_DATA_DIR:-$ROOT/.pgdata}
 PG_PORT=${PGRUNNER_PG_PORT:-54329}
 CATCHER_PORT=${PGRUNNER_CATCHER_PORT:-54325}
 
-PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
+PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev libcurl4-openssl-dev
   libjansson-dev libssl-dev libcriterion-dev postgresql-15
   postgresql-client-15 python3 python3-aiosmtpd"
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -26,7 +26,13 @@
 extern "C" {
 #endif
 
-#define PGR_API_VERSION 1
+/*
+ * 2 added, at the ends of the structs (so a plugin built for 1 still works):
+ * pgr_task.timeout_seconds and pgr_job's set_output, retry_after and
+ * interrupted. A plugin built against 2 that may be loaded by an older
+ * pgrunner checks reg->api_version >= 2 before it uses them.
+ */
+#define PGR_API_VERSION 2
 
 /* One attempt of one task, as the handler sees it. */
 struct pgr_task {
@@ -36,6 +42,7 @@ struct pgr_task {
   const char *payload; /* the payload as JSON text, never NULL */
   int attempt;         /* 1 for the first attempt */
   int max_attempts;
+  int timeout_seconds; /* the attempt's time limit (API 2) */
 };
 
 /* What a handler returns. */
@@ -56,6 +63,21 @@ enum pgr_level {
  * The per-call context. `log` writes one record tagged with the task's id and
  * kind; it never blocks on I/O. `fail` records the failure message that goes
  * into the task's last_error (a copy is taken; the last call wins).
+ *
+ * API 2:
+ * - `set_output` sets the attempt's output, stored in the task's `output`
+ *   column (jsonb) with its success, in the same transaction, or with its
+ *   failure. `json` is any JSON value as text (NULL: none). Returns 0, or a
+ *   negative value, keeping the output as it was, if it is not valid JSON
+ *   (UTF-8, no NUL, numbers within double precision). A copy is taken; the
+ *   last call wins.
+ * - `retry_after` asks that, if this attempt returns PGR_RETRY and attempts
+ *   remain, the next one start `ms` milliseconds from now instead of after
+ *   the retry policy's backoff (capped at the policy's cap).
+ * - `interrupted` returns nonzero once the attempt has been interrupted
+ *   (cancel_task, its time limit, the worker's shutdown deadline): a handler
+ *   busy outside the database should then stop and return; its attempt
+ *   rolls back whatever it returns.
  */
 struct pgr_job {
   const struct pgr_task *task;
@@ -63,6 +85,9 @@ struct pgr_job {
   void (*log)(struct pgr_job *job, enum pgr_level level, const char *msg);
   void (*fail)(struct pgr_job *job, const char *msg);
   void *priv; /* pgrunner's; do not touch */
+  int (*set_output)(struct pgr_job *job, const char *json);
+  void (*retry_after)(struct pgr_job *job, int64_t ms);
+  int (*interrupted)(struct pgr_job *job);
 };
 
 typedef enum pgr_outcome (*pgr_handler_fn)(struct pgr_job *job, void *arg);

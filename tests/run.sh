@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev
+PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev libmicrohttpd-dev libcurl4-openssl-dev
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
   python3-aiosmtpd python3-websocket chromium openssl pgbouncer
@@ -62,6 +62,6 @@ echo "== ASan+UBSan build: unit and integration tests"
 if [ $quick = 0 ]; then
   echo "== TSan build: worker integration tests"
   (cd build-tsan && ctest --output-on-failure -j"$jobs" \
-     -R 'integration\.(test_worker|test_faults|test_attempt_faults|test_cancel|test_logging|test_http|test_multihost|test_poolers)$') || status=1
+     -R 'integration\.(test_worker|test_faults|test_attempt_faults|test_cancel|test_logging|test_http|test_http_kind|test_multihost|test_poolers)$') || status=1
 fi
 exit $status

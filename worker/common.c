@@ -11,6 +11,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <jansson.h>
+
 static _Thread_local int on_loop_thread;
 
 void pgr_fatal(const char *file, int line, const char *fmt, ...) {
@@ -206,4 +208,24 @@ size_t pgr_utf8_len(const unsigned char *p, size_t n) {
       (c == 0xF0 && p[1] < 0x90) || (c == 0xF4 && p[1] > 0x8F))
     return 0;
   return len;
+}
+
+const char *pgr_json_kind(const json_t *v) {
+  switch (json_typeof(v)) {
+  case JSON_OBJECT:
+    return "an object";
+  case JSON_ARRAY:
+    return "an array";
+  case JSON_STRING:
+    return "a string";
+  case JSON_INTEGER:
+  case JSON_REAL:
+    return "a number";
+  case JSON_TRUE:
+  case JSON_FALSE:
+    return "a boolean";
+  case JSON_NULL:
+    return "null";
+  }
+  return "something else";
 }

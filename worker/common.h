@@ -110,6 +110,10 @@ void pgr_buf_add_array_elem(struct pgr_buf *b, const char *s);
 /* The length of the well-formed UTF-8 sequence at p (n bytes there), 1 to
  * 4, or 0 if it is ill-formed (common.c). */
 size_t pgr_utf8_len(const unsigned char *p, size_t n);
+
+/* What a jansson value is, for messages: "an object", "a number"... */
+struct json_t;
+const char *pgr_json_kind(const struct json_t *v);
 /* A whole PostgreSQL text[] literal of n strings. */
 void pgr_buf_add_array(struct pgr_buf *b, const char *const *items, size_t n);
 

@@ -157,7 +157,8 @@ static const char usage_work[] =
     "\n"
     "SMTP for email tasks: PGRUNNER_SMTP_HOST, PGRUNNER_SMTP_PORT (25),\n"
     "PGRUNNER_SMTP_USER, PGRUNNER_SMTP_PASSWORD, PGRUNNER_SMTP_STARTTLS\n"
-    "(no, try, require), PGRUNNER_SMTP_CA_FILE, PGRUNNER_MAIL_FROM.\n";
+    "(no, try, require), PGRUNNER_SMTP_CA_FILE, PGRUNNER_MAIL_FROM.\n"
+    "http tasks: PGRUNNER_HTTP_ALLOW (comma-separated hosts; unset: any).\n";
 
 static const char usage_add[] =
     "Usage: pgrunner add KIND [PAYLOAD_JSON] [OPTIONS]\n"
@@ -705,6 +706,58 @@ static int smtp_from_env(struct pgr_smtp_config *s, char *errbuf,
   return 0;
 }
 
+static void http_allow_free(struct pgr_http_allow *a) {
+  for (size_t i = 0; i < a->n; i++)
+    free(a->hosts[i]);
+  free(a->hosts);
+  memset(a, 0, sizeof *a);
+}
+
+/* PGRUNNER_HTTP_ALLOW: host names or addresses separated by commas, spaces
+   around them ignored, an IPv6 address with or without brackets. Only
+   name characters are accepted, so a scheme, port, path or wildcard is a
+   usage error rather than an entry that never matches. */
+static int http_allow_parse(const char *value, struct pgr_http_allow *out,
+                            char *errbuf, size_t errlen) {
+  char *copy = pgr_strdup(value), *save = NULL;
+  int rc = 0;
+
+  memset(out, 0, sizeof *out);
+  for (char *e = strtok_r(copy, ",", &save); e; e = strtok_r(NULL, ",", &save)) {
+    while (*e == ' ' || *e == '\t')
+      e++;
+    pgr_trim_end(e);
+    size_t n = strlen(e);
+    if (n == 0)
+      continue;
+    if (n >= 2 && e[0] == '[' && e[n - 1] == ']') {
+      e[n - 1] = '\0';
+      e++;
+    }
+    /* One colon is a port; an IPv6 address has at least two. */
+    const char *colon = strchr(e, ':');
+    int port = colon != NULL && strchr(colon + 1, ':') == NULL;
+    for (char *p = e; *p; p++) {
+      if (port || (!isalnum((unsigned char)*p) && *p != '.' && *p != '-' &&
+                   *p != '_' && *p != ':')) {
+        rc = usage_error(errbuf, errlen,
+                         "PGRUNNER_HTTP_ALLOW: \"%.64s\" is not a host name "
+                         "or address (no scheme, port, path or wildcard)",
+                         e);
+        goto out;
+      }
+      *p = (char)tolower((unsigned char)*p);
+    }
+    out->hosts = pgr_realloc(out->hosts, (out->n + 1) * sizeof *out->hosts);
+    out->hosts[out->n++] = pgr_strdup(e);
+  }
+out:
+  free(copy);
+  if (rc != 0)
+    http_allow_free(out);
+  return rc;
+}
+
 static const struct {
   const char *name;
   enum pgr_command cmd;
@@ -902,6 +955,10 @@ int pgr_config_parse(struct pgr_config *cfg, int argc, char **argv,
     }
     if ((rc = smtp_from_env(&cfg->smtp, errbuf, errlen)) != 0)
       goto out;
+    const char *allow = getenv("PGRUNNER_HTTP_ALLOW");
+    if (allow != NULL &&
+        (rc = http_allow_parse(allow, &cfg->http_allow, errbuf, errlen)) != 0)
+      goto out;
   }
 
   /* args[0] is the command itself. */
@@ -997,6 +1054,7 @@ void pgr_config_free(struct pgr_config *cfg) {
   free(cfg->smtp.helo_domain);
   free(cfg->smtp.message_id_domain);
   free(cfg->smtp.ca_file);
+  http_allow_free(&cfg->http_allow);
   free(cfg->log_dir);
   free(cfg->add_kind);
   free(cfg->add_payload);

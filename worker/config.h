@@ -53,6 +53,13 @@ struct pgr_smtp_config {
   char *ca_file; /* PGRUNNER_SMTP_CA_FILE: trusted instead of the default */
 };
 
+/* PGRUNNER_HTTP_ALLOW: the hosts `http` tasks may reach, lower-cased,
+   IPv6 addresses without brackets; n == 0: any host. */
+struct pgr_http_allow {
+  char **hosts;
+  size_t n;
+};
+
 struct pgr_config {
   enum pgr_command command;
   char *db; /* --db or DATABASE_URL; NULL: libpq's own defaults */
@@ -74,6 +81,7 @@ struct pgr_config {
   int64_t retention_s;
   int task_timeout_s;
   struct pgr_smtp_config smtp;
+  struct pgr_http_allow http_allow;
 
   /* logging, all commands */
   char *log_dir;

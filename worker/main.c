@@ -20,6 +20,7 @@
 #include "config.h"
 #include "jobs/email.h"
 #include "jobs/email_msg.h"
+#include "jobs/http.h"
 #include "log.h"
 #include "loop/loop.h"
 
@@ -106,6 +107,13 @@ int main(int argc, char **argv) {
       return 2;
     }
     reexec_without_gnutls_init(argv);
+    /* libcurl's global set-up, for the http kind: once, before any thread
+       of ours starts (curl_global_init is not thread-safe everywhere). */
+    if (pgr_http_global_init() != 0) {
+      fprintf(stderr, "pgrunner: cannot initialise libcurl\n");
+      pgr_config_free(&cfg);
+      return 1;
+    }
   }
 
   struct pgr_log_options lo = {
@@ -154,7 +162,9 @@ int main(int argc, char **argv) {
   enum pgr_command cmd = cfg.command;
   pgr_log_stop();
   pgr_config_free(&cfg);
-  if (cmd == PGR_CMD_WORK)
+  if (cmd == PGR_CMD_WORK) {
+    pgr_http_global_cleanup();
     return rc; /* already an exit code */
+  }
   return rc == 0 ? 0 : rc == PGR_EUSAGE ? 2 : 1;
 }

@@ -228,6 +228,8 @@ def exercise(server, db, bulk_sql=None):
         try:
             cur = api.cursor()
             cur.execute("SELECT pgrunner.retry_task(%s)", (ids[1],))
+            cur.execute("SELECT * FROM pgrunner.wait_task(%s, "
+                        "interval '50 ms')", (ids[1],))
             cur.execute("SELECT pgrunner.release_unknown(42, '{}')")
             # What a worker's loop sends to interrupt an attempt.
             cur.execute("SELECT pgrunner.interrupt_attempt(%s, 1, 42,"

@@ -9,6 +9,9 @@
  *   c_fail     fails for good with a message
  *   c_sleep    writes a row, then sleeps payload->>'sleep' seconds outside
  *              the database (a handler nothing can pre-empt) and succeeds
+ *   c_output   sets the task's output to payload->'output' (API 2), after
+ *              checking that text that is not JSON is refused; succeeds, or
+ *              with "fail": true fails for good (the output is kept)
  *
  * Thread: handlers run on pgrunner's worker threads and may block.
  */
@@ -65,10 +68,47 @@ static enum pgr_outcome c_sleep(struct pgr_job *job, void *arg) {
   return PGR_SUCCESS;
 }
 
+static enum pgr_outcome c_output(struct pgr_job *job, void *arg) {
+  const char *params[1] = {job->task->payload};
+  enum pgr_outcome o = PGR_RETRY;
+  (void)arg;
+  PGresult *res = PQexecParams(job->conn,
+                               "SELECT $1::jsonb->'output',"
+                               " coalesce(($1::jsonb->>'fail')::boolean, false)",
+                               1, NULL, params, NULL, NULL, 0);
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    job->fail(job, PQresultErrorMessage(res));
+    goto out;
+  }
+  if (job->set_output(job, "{\"not\": json") == 0 ||
+      job->set_output(job, "\"\\u0000\"") == 0) {
+    job->fail(job, "set_output accepted text that is not JSON");
+    o = PGR_PERMANENT;
+    goto out;
+  }
+  if (job->set_output(job, PQgetisnull(res, 0, 0) ? NULL
+                                                  : PQgetvalue(res, 0, 0)) != 0) {
+    job->fail(job, "set_output refused the payload's output");
+    o = PGR_PERMANENT;
+    goto out;
+  }
+  if (strcmp(PQgetvalue(res, 0, 1), "t") == 0) {
+    job->fail(job, "plugin failed, output kept");
+    o = PGR_PERMANENT;
+    goto out;
+  }
+  o = PGR_SUCCESS;
+out:
+  PQclear(res);
+  return o;
+}
+
 int pgr_plugin_init(struct pgr_registry *reg) {
-  if (reg->api_version != PGR_API_VERSION)
+  /* Built for API 2 (c_output uses set_output). */
+  if (reg->api_version < PGR_API_VERSION)
     return -1;
-  if (reg->add(reg, "c_insert", c_insert, NULL) != 0 ||
+  if (reg->add(reg, "c_output", c_output, NULL) != 0 ||
+      reg->add(reg, "c_insert", c_insert, NULL) != 0 ||
       reg->add(reg, "c_retry", c_retry, NULL) != 0 ||
       reg->add(reg, "c_fail", c_fail, NULL) != 0 ||
       reg->add(reg, "c_sleep", c_sleep, NULL) != 0)

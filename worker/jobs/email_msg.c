@@ -97,26 +97,6 @@ static const char *shown(const char *s, char *out, size_t n) {
   return out;
 }
 
-static const char *json_kind(const json_t *v) {
-  switch (json_typeof(v)) {
-  case JSON_OBJECT:
-    return "an object";
-  case JSON_ARRAY:
-    return "an array";
-  case JSON_STRING:
-    return "a string";
-  case JSON_INTEGER:
-  case JSON_REAL:
-    return "a number";
-  case JSON_TRUE:
-  case JSON_FALSE:
-    return "a boolean";
-  case JSON_NULL:
-    return "null";
-  }
-  return "something else";
-}
-
 /* ---- addresses ------------------------------------------------------- */
 
 /* RFC 5322 3.2.3 atext. */
@@ -704,7 +684,7 @@ static int one_mbox(const json_t *v, const char *what, struct mbox *out,
       return bad(errbuf, errlen, "%s must have an \"email\" string", what);
     if (n != NULL && !json_is_null(n) && !json_is_string(n))
       return bad(errbuf, errlen, "%s.name must be a string, not %s", what,
-                 json_kind(n));
+                 pgr_json_kind(n));
     s = json_string_value(e);
     if (has_crlf(s))
       return bad(errbuf, errlen, "%s: address contains CR or LF", what);
@@ -726,7 +706,7 @@ static int one_mbox(const json_t *v, const char *what, struct mbox *out,
     out->addr = pgr_strdup(s);
     return 0;
   }
-  return bad(errbuf, errlen, "%s must be a string, not %s", what, json_kind(v));
+  return bad(errbuf, errlen, "%s must be a string, not %s", what, pgr_json_kind(v));
 }
 
 /* get_list reads key as a mailbox or an array of them; absent or null: an
@@ -754,7 +734,7 @@ static int get_list(const json_t *root, const char *key, struct mlist *l,
   if (!json_is_array(v))
     return bad(errbuf, errlen,
                "\"%s\" must be a string or an array of strings, not %s", key,
-               json_kind(v));
+               pgr_json_kind(v));
   l->v = pgr_calloc(json_array_size(v), sizeof *l->v);
   for (size_t i = 0; i < json_array_size(v); i++) {
     snprintf(what, sizeof what, "\"%s\"[%zu]", key, i);
@@ -778,7 +758,7 @@ static int get_text(const json_t *root, const char *key, int header,
     return 0;
   if (!json_is_string(v))
     return bad(errbuf, errlen, "\"%s\" must be a string, not %s", key,
-               json_kind(v));
+               pgr_json_kind(v));
   *out = json_string_value(v);
   if (header && has_crlf(*out))
     return bad(errbuf, errlen, "\"%s\" contains CR or LF", key);
@@ -825,7 +805,7 @@ static int check_headers(const json_t *h, char *errbuf, size_t errlen) {
     return 0;
   if (!json_is_object(h))
     return bad(errbuf, errlen, "\"headers\" must be an object, not %s",
-               json_kind(h));
+               pgr_json_kind(h));
   json_object_foreach((json_t *)h, k, v) {
     if (!valid_header_name(k))
       return bad(errbuf, errlen,
@@ -838,7 +818,7 @@ static int check_headers(const json_t *h, char *errbuf, size_t errlen) {
                  k);
     if (!json_is_string(v))
       return bad(errbuf, errlen, "\"headers\".%s must be a string, not %s", k,
-                 json_kind(v));
+                 pgr_json_kind(v));
     if (has_crlf(json_string_value(v)))
       return bad(errbuf, errlen, "header %s contains CR or LF", k);
   }
@@ -914,7 +894,7 @@ int pgr_email_build(const char *payload, const struct pgr_email_opts *opts,
   }
   if (!json_is_object(root)) {
     rc = bad(errbuf, errlen, "payload must be a JSON object, not %s",
-             json_kind(root));
+             pgr_json_kind(root));
     goto out;
   }
   if ((rc = get_list(root, "to", &to, errbuf, errlen)) != 0 ||

@@ -1,6 +1,6 @@
 /*
- * handlers.c - the kind -> handler registry: the built-in `noop` and
- * `email`, then whatever --plugin shared objects register.
+ * handlers.c - the kind -> handler registry: the built-in `noop`,
+ * `email` and `http`, then whatever --plugin shared objects register.
  *
  * Thread: filled on the main thread before the pool starts; read-only after.
  * Kinds with no entry here that match [a-z_][a-z0-9_]* run as SQL functions
@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "jobs/email.h"
+#include "jobs/http.h"
 
 struct pgr_handlers {
   struct pgr_handler *items;
@@ -56,6 +57,7 @@ int pgr_handlers_create(const struct pgr_config *cfg, struct pgr_handlers **out,
   PGR_ASSERT(add(h, "noop", noop_handler, NULL) == 0);
   h->items[h->n - 1].noop = 1;
   PGR_ASSERT(add(h, "email", pgr_email_handler, (void *)&cfg->smtp) == 0);
+  PGR_ASSERT(add(h, "http", pgr_http_handler, (void *)&cfg->http_allow) == 0);
 
   for (size_t i = 0; i < cfg->nplugins; i++) {
     const char *path = cfg->plugins[i];

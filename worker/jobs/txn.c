@@ -7,9 +7,10 @@
  *   BEGIN;
  *   SELECT pgrunner.lock_attempt(id, attempt, worker);      -- lock + verify
  *   <the handler's work>
- *   SELECT pgrunner.complete_attempt(id, attempt, worker);  -- mark, timed
+ *   SELECT pgrunner.complete_attempt(id, attempt, worker, output);  -- mark
  *   COMMIT;
- * A SQL-function task sends all of it as one pipeline (one round trip); a C
+ * A SQL-function task sends all of it as one pipeline (one round trip), its
+ * call being the output argument of the mark (call_complete_fmt); a C
  * handler's attempt is two: the opening pair, then the closing pair. The
  * built-in noop needs no transaction block: its attempt is the single
  * UPDATE that marks it, itself a transaction.
@@ -43,6 +44,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "db.h"
 #include "health.h"
 #include "jobs/internal.h"
@@ -61,17 +64,40 @@ struct attempt {
   enum attempt_result r;
   char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
   char state[6]; /* SQLSTATE of the statement that failed, or "" */
+  char *output;  /* a C handler's output (JSON text), owned, or NULL */
+  int64_t retry_ms; /* a C handler's retry delay, or -1: the policy's */
+  /* The failed statement's error was raised by complete_attempt itself,
+     not by the job's function called in the same statement. */
+  int from_mark;
 };
 
 static const char lock_sql[] =
     "SELECT pgrunner.lock_attempt($1::bigint, $2::int, $3::bigint)";
 static const char complete_sql[] =
-    "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint)";
+    "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint,"
+    " $4::jsonb)";
+/* A SQL-function task's call and success mark, one statement: the job's
+   return value ($4 is the payload) becomes the output argument of
+   complete_attempt. The call is in a select list, as a plain `SELECT f(x)`
+   would be, so a function returning a set or an anonymous record works as
+   before; one row gives its value as jsonb (to_jsonb), none or void gives
+   NULL, several (a set-returning function) a JSON array of them. The job's
+   SQL runs in this outer statement, with the server's settings, not with
+   the planner settings pgrunner's own functions carry. Two %s: the jobs
+   schema and the function, both quoted identifiers. */
+static const char call_complete_fmt[] =
+    "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint,"
+    " (SELECT CASE WHEN count(*) <= 1 THEN (array_agg(o))[1]"
+    " ELSE jsonb_agg(o) END"
+    " FROM (SELECT CASE WHEN pg_typeof(r.v) <> 'void'::regtype"
+    " THEN to_jsonb(r.v) END AS o"
+    " FROM (SELECT %s.%s($4::jsonb) AS v) r) x))";
 static const char noop_sql[] =
     "SELECT pgrunner.complete_noop($1::bigint, $2::int, $3::bigint)";
 static const char finish_sql[] =
     "SELECT new_state, run_at_ms FROM pgrunner.finish_attempt($1::bigint,"
-    " $2::int, $3::bigint, $4, $5)";
+    " $2::int, $3::bigint, $4, $5, $6::jsonb,"
+    " $7::bigint * interval '1 millisecond')";
 /* The attempt's settings, first in its transaction (see the top). The
    server notices a client that died in the middle of a long query within a
    second with client_connection_check_interval, which servers before 14 do
@@ -279,8 +305,13 @@ static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
       }
       if (st == PGRES_FATAL_ERROR && failed == n) {
         const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+        const char *ctx = PQresultErrorField(res, PG_DIAG_CONTEXT);
         failed = i;
         snprintf(state, 6, "%.5s", sqlstate_of(res));
+        /* The context names the function, untranslated, whatever the
+           server's language. */
+        a->from_mark =
+            ctx != NULL && strstr(ctx, "pgrunner.complete_attempt(") != NULL;
         set_msg(a, A_RETRY, m ? m : PQerrorMessage(conn));
       }
       PQclear(res);
@@ -311,9 +342,11 @@ enum {
 };
 
 /*
- * Send `parts` of the attempt's transaction, with an optional SQL call
- * between them, as one pipeline and read it back. A SQL-function task is
- * one OPEN|CLOSE pipeline; a C handler runs between an OPEN and a CLOSE.
+ * Send `parts` of the attempt's transaction as one pipeline and read it
+ * back. A SQL-function task is one OPEN|CLOSE pipeline whose success mark
+ * is `call_sql` (call_complete_fmt: the call and the mark in one
+ * statement); a C handler runs between an OPEN and a CLOSE, whose mark
+ * stores a->output.
  */
 static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
                          const char *call_sql, int parts, struct attempt *a) {
@@ -322,9 +355,10 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
   char tmo[32], state[6];
   const char *attempt_params[3] = {t.id, t.att, t.wid};
   const char *tmo_params[1] = {tmo};
-  const char *call_params[1] = {c->payload};
-  int n = 0, step_settings = -1, step_lock = -1, step_call = -1,
-      step_complete = -1, step_commit = -1;
+  const char *complete_params[4] = {t.id, t.att, t.wid,
+                                    call_sql ? c->payload : a->output};
+  int n = 0, step_settings = -1, step_lock = -1, step_complete = -1,
+      step_commit = -1;
 
   attempt_ids(&t, c);
   snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
@@ -345,14 +379,9 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
       goto broken;
     step_lock = n++;
   }
-  if (call_sql) {
-    if (!PQsendQueryParams(conn, call_sql, 1, NULL, call_params, NULL, NULL, 0))
-      goto broken;
-    step_call = n++;
-  }
   if (parts & PIPE_CLOSE) {
-    if (!PQsendQueryParams(conn, complete_sql, 3, NULL, attempt_params, NULL,
-                           NULL, 0))
+    if (!PQsendQueryParams(conn, call_sql ? call_sql : complete_sql, 4, NULL,
+                           complete_params, NULL, NULL, 0))
       goto broken;
     step_complete = n++;
     if (!PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0))
@@ -376,16 +405,19 @@ static void run_pipeline(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
     return;
   }
-  if (strcmp(state, "PR001") == 0 &&
-      (failed == step_lock || failed == step_complete)) {
+  /* A SQL task's job runs in its mark's statement: the job's own PR001 or
+     PR003 is a plain failure. */
+  int ours = failed == step_lock ||
+             (failed == step_complete && (call_sql == NULL || a->from_mark));
+  if (strcmp(state, "PR001") == 0 && ours) {
     a->r = A_LOST;
-  } else if (strcmp(state, "PR003") == 0 &&
-             (failed == step_lock || failed == step_complete)) {
+  } else if (strcmp(state, "PR003") == 0 && ours) {
     /* Cancelled before the handler ran, or while it ran with no interrupt
        reaching it (the worker's connection to the notifications was
        down): either way cancel_task() has returned true. */
     a->r = A_CANCELLED;
-  } else if (failed == step_call && strcmp(state, "42883") == 0) {
+  } else if (call_sql && failed == step_complete &&
+             strcmp(state, "42883") == 0) {
     /* Is it our function that is missing, or something it calls? */
     char q[512];
     char *lit_schema = PQescapeLiteral(conn, s->pool->cfg->jobs_schema,
@@ -444,7 +476,10 @@ static void run_noop(struct pgr_slot *s, struct pgr_claim *c,
 /* pgr_job callbacks for C handlers. */
 struct job_priv {
   struct pgr_claim *claim;
+  struct pgr_slot *slot;
   char *error;
+  char *output;     /* valid JSON text, or NULL */
+  int64_t retry_ms; /* -1: the policy's backoff */
 };
 
 static void job_log(struct pgr_job *job, enum pgr_level level,
@@ -459,17 +494,52 @@ static void job_fail(struct pgr_job *job, const char *msg) {
   jp->error = pgr_strdup(msg ? msg : "");
 }
 
+/* The text is kept as given, not as jansson would write it back (which
+   would print 0.1 as 0.10000000000000001): what jansson accepts (strict
+   RFC 8259, UTF-8, no \u0000, numbers that fit a double) the server's
+   jsonb accepts too, so a success is never refused for its output. */
+static int job_set_output(struct pgr_job *job, const char *json) {
+  struct job_priv *jp = job->priv;
+  if (json != NULL) {
+    json_error_t err;
+    json_t *v = json_loads(json, JSON_DECODE_ANY, &err);
+    if (v == NULL)
+      return PGR_EINVAL;
+    json_decref(v);
+  }
+  free(jp->output);
+  jp->output = json ? pgr_strdup(json) : NULL;
+  return 0;
+}
+
+static void job_retry_after(struct pgr_job *job, int64_t ms) {
+  struct job_priv *jp = job->priv;
+  jp->retry_ms = ms < 0 ? 0 : ms;
+}
+
+static int job_interrupted(struct pgr_job *job) {
+  struct job_priv *jp = job->priv;
+  return pgr_slot_interrupt(jp->slot) != PGR_INT_NONE;
+}
+
 static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
                           const struct pgr_handler *h, struct attempt *a) {
-  struct pgr_task task = {c->id,      c->kind,    c->queue,
-                          c->payload, c->attempt, c->max_attempts};
-  struct job_priv jp = {c, NULL};
-  struct pgr_job job = {&task, s->conn, job_log, job_fail, &jp};
+  struct pgr_task task = {c->id,         c->kind,    c->queue,
+                          c->payload,    c->attempt, c->max_attempts,
+                          c->timeout_s};
+  struct job_priv jp = {c, s, NULL, NULL, -1};
+  struct pgr_job job = {&task,           s->conn,         job_log,
+                        job_fail,        &jp,             job_set_output,
+                        job_retry_after, job_interrupted};
 
   run_pipeline(s, c, NULL, PIPE_OPEN, a);
   if (a->r != A_OK)
     return;
   enum pgr_outcome o = h->fn(&job, h->arg);
+  /* The output goes with the success mark, or with the failure's record. */
+  a->output = jp.output;
+  jp.output = NULL;
+  a->retry_ms = jp.retry_ms;
   /* The handler had the session: it may have been terminated under it
      (its own statement then failed), or left in a pipeline. */
   if (PQstatus(s->conn) != CONNECTION_OK ||
@@ -503,6 +573,7 @@ static void run_c_handler(struct pgr_slot *s, struct pgr_claim *c,
     a->r = A_CONNLOST;
 out:
   free(jp.error);
+  free(jp.output);
 }
 
 /* The server cancelled a statement on request (SQLSTATE 57014 is also a
@@ -579,11 +650,14 @@ static enum attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
    (task, state, attempt, worker), so a record that did commit before the
    reply was lost is not made twice. */
 static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
-                   const char *error) {
+                   const char *error, const char *output, int64_t retry_ms) {
   struct attempt_ids t;
-  const char *params[5] = {t.id, t.att, t.wid, outcome, error};
+  char delay[32];
+  const char *params[7] = {t.id,  t.att,  t.wid, outcome,
+                           error, output, retry_ms >= 0 ? delay : NULL};
 
   attempt_ids(&t, c);
+  snprintf(delay, sizeof delay, "%lld", (long long)retry_ms);
   int refused = 0;
   for (;;) {
     if (!s->conn || PQstatus(s->conn) != CONNECTION_OK ||
@@ -595,7 +669,7 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
       }
     }
     PGresult *res =
-        PQexecParams(s->conn, finish_sql, 5, NULL, params, NULL, NULL, 0);
+        PQexecParams(s->conn, finish_sql, 7, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(res) == PGRES_TUPLES_OK) {
       if (PQntuples(res) == 0) {
         /* Not running as ours: someone else's now, or our attempt did
@@ -720,6 +794,9 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
   a.r = A_OK;
   a.msg = pgr_strdup("");
   a.state[0] = '\0';
+  a.output = NULL;
+  a.retry_ms = -1;
+  a.from_mark = 0;
   c->started_us = pgr_now_us();
   pgr_info("task started", PGR_LI("task", c->id), PGR_LS("kind", c->kind),
            PGR_LS("queue", c->queue), PGR_LI("attempt", c->attempt));
@@ -739,7 +816,7 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
                                       strlen(p->cfg->jobs_schema));
     char *fn = PQescapeIdentifier(s->conn, c->kind, strlen(c->kind));
     PGR_ASSERT(schema && fn);
-    call_sql = pgr_asprintf("SELECT %s.%s($1::jsonb)", schema, fn);
+    call_sql = pgr_asprintf(call_complete_fmt, schema, fn);
     PQfreemem(schema);
     PQfreemem(fn);
     run_pipeline(s, c, call_sql, PIPE_OPEN | PIPE_CLOSE, &a);
@@ -767,15 +844,15 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
     break;
   case A_CANCELLED:
     msg = "cancelled";
-    finish(s, c, "cancel", msg);
+    finish(s, c, "cancel", msg, NULL, -1);
     break;
   case A_RETRY:
   case A_PERMANENT:
     if (why == PGR_INT_CANCEL) {
       msg = "cancelled while running";
-      finish(s, c, "cancel", msg);
+      finish(s, c, "cancel", msg, NULL, -1);
     } else if (why == PGR_INT_SHUTDOWN) {
-      finish(s, c, "requeue", "");
+      finish(s, c, "requeue", "", NULL, -1);
     } else if (why == PGR_INT_NONE && unsolicited_cancel(&a)) {
       /* Nobody here asked (no cancel, time limit or shutdown for this
          attempt): a stale interrupt meant for an attempt that has ended, or
@@ -783,15 +860,16 @@ void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c) {
          again at once, and the attempt is not counted. */
       pgr_warn("task's statement cancelled, not by this worker; queued again",
                PGR_LI("task", c->id), PGR_LI("attempt", c->attempt));
-      finish(s, c, "requeue", "");
+      finish(s, c, "requeue", "", NULL, -1);
     } else if (why == PGR_INT_TIMEOUT ||
                strstr(a.msg, "statement timeout") != NULL) {
       snprintf(tmsg, sizeof tmsg, "task exceeded its time limit of %d s",
                c->timeout_s);
       msg = tmsg;
-      finish(s, c, "retry", msg);
+      finish(s, c, "retry", msg, NULL, -1);
     } else {
-      finish(s, c, a.r == A_PERMANENT ? "permanent" : "retry", msg);
+      finish(s, c, a.r == A_PERMANENT ? "permanent" : "retry", msg, a.output,
+             a.retry_ms);
     }
     break;
   case A_CONNLOST:
@@ -806,4 +884,5 @@ out:
   log_end(c);
   free(call_sql);
   free(a.msg);
+  free(a.output);
 }

@@ -358,7 +358,8 @@ static const char task_sql[] =
     "SELECT t.id, t.queue, t.kind, t.state, t.priority, t.attempts,"
     "       t.max_attempts, jsonb_pretty(t.payload), t.last_error,"
     "       t.run_at, t.created_at, t.started_at, t.finished_at,"
-    "       t.worker_id::text, t.key, t.timeout_seconds"
+    "       t.worker_id::text, t.key, t.timeout_seconds,"
+    "       jsonb_pretty(t.output)"
     "  FROM pgrunner.tasks t WHERE t.id = $1::bigint";
 
 /* A task id: digits only, so it is safe anywhere and parses as bigint. */
@@ -377,7 +378,7 @@ int pgr_dash_task(const char *id, int admin, struct pgr_buf *out) {
       "id",       "queue",   "kind",    "state",    "priority",
       "attempts", "max attempts", "payload", "last error", "run at",
       "created",  "started", "finished", "worker",  "key",
-      "timeout (s)"};
+      "timeout (s)", "output"};
   char err[512], sqlstate[6];
   PGresult *r = NULL;
   PGconn *conn;
@@ -413,8 +414,9 @@ int pgr_dash_task(const char *id, int admin, struct pgr_buf *out) {
     pgr_buf_adds(out, "<tr><th>");
     pgr_buf_adds(out, labels[c]);
     pgr_buf_adds(out, "</th>");
-    if (c == 7) {
-      pgr_buf_adds(out, "<td><pre id=\"payload\">");
+    if (c == 7 || (c == 16 && !PQgetisnull(r, 0, c))) {
+      pgr_buf_adds(out, c == 7 ? "<td><pre id=\"payload\">"
+                               : "<td><pre id=\"output\">");
       pgr_html_text(out, PQgetvalue(r, 0, c));
       pgr_buf_adds(out, "</pre></td>");
     } else {
