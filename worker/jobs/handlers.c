@@ -4,7 +4,7 @@
  *
  * Thread: filled on the main thread before the pool starts; read-only after.
  * Kinds with no entry here that match [a-z_][a-z0-9_]* run as SQL functions
- * (jobs/txn.c); anything else fails with `no handler for kind "K"`.
+ * (jobs/attempt.c); anything else fails with `no handler for kind "K"`.
  */
 #include "handlers.h"
 

@@ -48,11 +48,11 @@ struct pgr_pool {
   int nslots;
 };
 
-/* txn.c: run one attempt of `c` on the slot's connection, start to end. */
-void pgr_txn_run(struct pgr_slot *s, struct pgr_claim *c);
-/* txn.c: connect (or reconnect) the slot, retrying with backoff until it
+/* attempt.c: run one attempt of `c` on the slot's connection, start to end. */
+void pgr_attempt_run(struct pgr_slot *s, struct pgr_claim *c);
+/* conn.c: connect (or reconnect) the slot, retrying with backoff until it
    works or the pool stops. 0 when connected. */
-int pgr_txn_connect(struct pgr_slot *s);
+int pgr_slot_connect(struct pgr_slot *s);
 
 /* pool.c: 1 once the pool is stopping. */
 int pgr_pool_stopping(struct pgr_pool *p);

@@ -6,7 +6,7 @@
  *   loop thread                         worker threads
  *   -----------                         --------------
  *   pgr_pool_submit(claim)  --mutex-->  queue --cond--> take, run the
- *                                       attempt (jobs/txn.c, may block)
+ *                                       attempt (jobs/attempt.c, may block)
  *   on wake: pgr_pool_take_done() <--  done list + uv_async_send(wake)
  *
  * The loop never waits for a worker: submit and take only hold the mutex
@@ -49,7 +49,7 @@ static void worker_main(void *arg) {
   struct pgr_slot *s = arg;
   struct pgr_pool *p = s->pool;
 
-  if (pgr_txn_connect(s) != 0)
+  if (pgr_slot_connect(s) != 0)
     pgr_debug("worker thread stopping before it connected");
   for (;;) {
     struct pgr_claim *c;
@@ -72,7 +72,7 @@ static void worker_main(void *arg) {
     s->interrupt = PGR_INT_NONE;
     uv_mutex_unlock(&p->mu);
 
-    pgr_txn_run(s, c);
+    pgr_attempt_run(s, c);
 
     uv_mutex_lock(&p->mu);
     s->current = 0;
