@@ -1063,3 +1063,10 @@ void pgr_config_free(struct pgr_config *cfg) {
   free(cfg->add_key);
   memset(cfg, 0, sizeof *cfg);
 }
+
+int pgr_config_queue_index(const struct pgr_config *cfg, const char *name) {
+  for (size_t i = 0; i < cfg->nqueues; i++)
+    if (strcmp(cfg->queues[i].name, name) == 0)
+      return (int)i;
+  return -1;
+}

@@ -131,5 +131,7 @@ PGR_MUSTCHECK int pgr_parse_queues(const char *s, const char *src,
 PGR_MUSTCHECK int pgr_parse_int(const char *s, int64_t min, int64_t max,
                                 int64_t *out);
 PGR_MUSTCHECK int pgr_valid_kind(const char *kind);
+/* The index of queue `name` in cfg->queues, or -1. */
+int pgr_config_queue_index(const struct pgr_config *cfg, const char *name);
 
 #endif /* PGR_CONFIG_H */

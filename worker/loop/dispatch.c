@@ -85,16 +85,16 @@ void pgr_dispatch_on_done(uv_async_t *a) {
   if (l->shutting_down)
     pgr_loop_maybe_finish(l);
   else if (l->more)
-    pgr_listener_claim(l);
+    pgr_claims_request(l);
 }
 
 static void on_cancel_sent(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   (void)pc;
   (void)arg;
-  if (res && PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_warn("cannot interrupt task", PGR_LS("error", m ? m : "?"));
-  } else if (res && strcmp(PQgetvalue(res, 0, 0), "f") == 0) {
+  if (!pgr_pgconn_result_ok(res, PGRES_TUPLES_OK, PGR_LEVEL_WARN,
+                            "cannot interrupt task"))
+    return;
+  if (strcmp(PQgetvalue(res, 0, 0), "f") == 0) {
     /* Its thread had left the attempt (or not reached it yet: then
        lock_attempt or complete_attempt sees a cancel request). */
     pgr_debug("interrupt found no attempt to stop");

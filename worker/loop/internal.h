@@ -19,7 +19,7 @@
 #include "pool.h"
 
 /* Where the next claim of one queue starts: just after the last task this
-   worker claimed from it (see claim_sql in listener.c). */
+   worker claimed from it (see pgr_claim_sql in claim.c). */
 struct pgr_cursor {
   int set; /* 0: from the front of the queue */
   int priority;
@@ -41,7 +41,7 @@ enum pgr_probe {
 struct pgr_loop {
   const struct pgr_config *cfg;
   uv_loop_t loop;
-  struct pgr_pgconn pg;    /* LISTEN and claims (listener.c) */
+  struct pgr_pgconn pg;    /* LISTEN and claims (listener.c, claim.c) */
   struct pgr_pgconn maint; /* heartbeat and retention (janitor.c) */
   struct pgr_pool *pool;
   const struct pgr_handlers *handlers;
@@ -102,22 +102,37 @@ struct pgr_loop {
   int exit_code;
 };
 
-/* listener.c */
+/* listener.c: the claim connection's callbacks (pgconn.h) */
 void pgr_listener_on_up(struct pgr_pgconn *c);
 void pgr_listener_on_down(struct pgr_pgconn *c, const char *why);
 void pgr_listener_on_connect_failed(struct pgr_pgconn *c, int kind,
                                     const char *why);
-/* While the schema is behind, check it again (heartbeat ticks). */
-void pgr_listener_recheck_schema(struct pgr_loop *l);
 void pgr_listener_on_notify(struct pgr_pgconn *c, const char *channel,
                             const char *payload);
-void pgr_listener_claim(struct pgr_loop *l);
-void pgr_listener_wake_at(struct pgr_loop *l, int64_t at_ms);
-void pgr_listener_on_heartbeat(struct pgr_loop *l);
-void pgr_listener_release_unknown(struct pgr_loop *l);
 void pgr_listener_start_timers(struct pgr_loop *l);
-
+/* LISTEN, the session's settings and the prepared claim, then register. */
 void pgr_listener_setup_session(struct pgr_loop *l);
+
+/* claim.c */
+extern const char pgr_claim_sql[];
+/* Claim for the idle threads, if any, now or once a claim in flight ends. */
+void pgr_claims_request(struct pgr_loop *l);
+/* Claim again in in_ms (the next delayed task), unless sooner is set. */
+void pgr_claims_wake_at(struct pgr_loop *l, int64_t in_ms);
+/* Claims start from the front of every queue again (a new session). */
+void pgr_claims_reset(struct pgr_loop *l);
+
+/* registry.c */
+void pgr_registry_check_schema(struct pgr_loop *l);
+/* While the schema is behind, check it again (heartbeat ticks). */
+void pgr_registry_recheck_schema(struct pgr_loop *l);
+/* A heartbeat succeeded: on a new session, register. */
+void pgr_registry_on_heartbeat(struct pgr_loop *l);
+/* Every few seconds after registering: give back what is ours and unknown. */
+void pgr_registry_release_unknown(struct pgr_loop *l);
+/* The ids of the tasks the threads hold, as an array literal (initialises
+   b; the caller frees it). */
+void pgr_registry_inflight_ids(struct pgr_loop *l, struct pgr_buf *b);
 
 /* session.c: the check that --listen-db is a session, started once the
    schema is known to be there; on success it sets up both connections. */

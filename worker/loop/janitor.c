@@ -9,8 +9,9 @@
  * Why a second connection: a connection runs one statement at a time, and
  * a claim queued behind a heartbeat's recovery or a retention batch would
  * leave worker threads idle while tasks wait. The claim connection
- * (listener.c) carries only LISTEN, the claims and what must be ordered with
- * them: the registration and giving back tasks a lost claim left running.
+ * (listener.c, claim.c) carries only LISTEN, the claims and what must be
+ * ordered with them: the registration and giving back tasks a lost claim
+ * left running (registry.c).
  * A worker therefore holds --concurrency + 2 connections. Both loop-side
  * connections hold a shared session advisory lock keyed by the worker id,
  * taken before anything else on the connection (so before it registers):
@@ -55,13 +56,8 @@ static void queues_literal(const struct pgr_config *cfg, struct pgr_buf *b) {
 /* A heartbeat's or a sweep's answer: 0 and the tasks it recovered are
    logged, or -1 (the failure logged, or the connection gone). */
 static int recovery_result(PGresult *res, const char *failed) {
-  if (res == NULL)
+  if (!pgr_pgconn_result_ok(res, PGRES_TUPLES_OK, PGR_LEVEL_ERROR, failed))
     return -1;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error(failed, PGR_LS("error", m ? m : "unknown error"));
-    return -1;
-  }
   int recovered = atoi(PQgetvalue(res, 0, 0));
   if (recovered > 0)
     pgr_warn("recovered tasks of dead workers", PGR_LI("tasks", recovered));
@@ -73,7 +69,7 @@ static void on_heartbeat(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   (void)pc;
   l->heartbeat_busy = 0;
   if (recovery_result(res, "heartbeat failed") == 0)
-    pgr_listener_on_heartbeat(l);
+    pgr_registry_on_heartbeat(l);
 }
 
 void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
@@ -201,9 +197,9 @@ static void on_heartbeat_timer(uv_timer_t *t) {
   struct pgr_pgconn *c =
       l->registered && pgr_pgconn_ready(&l->maint) ? &l->maint : &l->pg;
   pgr_janitor_heartbeat(l, c);
-  pgr_listener_recheck_schema(l);
+  pgr_registry_recheck_schema(l);
   if (++l->ticks % RELEASE_EVERY_TICKS == 0)
-    pgr_listener_release_unknown(l);
+    pgr_registry_release_unknown(l);
   if (l->ticks % SWEEP_EVERY_TICKS == SWEEP_AT_TICK)
     sweep(l);
   if (l->ticks % STATS_EVERY_TICKS == 0)
@@ -216,13 +212,9 @@ static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   struct pgr_loop *l = arg;
   (void)pc;
   l->prune_busy = 0;
-  if (res == NULL)
+  if (!pgr_pgconn_result_ok(res, PGRES_TUPLES_OK, PGR_LEVEL_ERROR,
+                            "retention pruning failed"))
     return;
-  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("retention pruning failed", PGR_LS("error", m ? m : "?"));
-    return;
-  }
   int n = atoi(PQgetvalue(res, 0, 0));
   if (n > 0)
     pgr_debug("pruned succeeded tasks", PGR_LI("tasks", n));
@@ -258,22 +250,17 @@ static void on_prune_timer(uv_timer_t *t) {
 static void on_setup(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   (void)pc;
   (void)arg;
-  if (res && PQresultStatus(res) != PGRES_COMMAND_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_debug("maintenance connection setting refused",
-              PGR_LS("error", m ? m : "unknown error"));
-  }
+  (void)pgr_pgconn_result_ok(res, PGRES_COMMAND_OK, PGR_LEVEL_DEBUG,
+                             "maintenance connection setting refused");
 }
 
 static void on_liveness(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   (void)pc;
   (void)arg;
-  if (res && PQresultStatus(res) != PGRES_TUPLES_OK) {
-    const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-    pgr_error("cannot take the worker's liveness lock; other workers may "
-              "take this connection's absence for death",
-              PGR_LS("error", m ? m : "unknown error"));
-  }
+  (void)pgr_pgconn_result_ok(
+      res, PGRES_TUPLES_OK, PGR_LEVEL_ERROR,
+      "cannot take the worker's liveness lock; other workers may take this "
+      "connection's absence for death");
 }
 
 int pgr_janitor_hold_liveness(struct pgr_loop *l, struct pgr_pgconn *c) {

@@ -97,6 +97,14 @@ PGR_MUSTCHECK int pgr_pgconn_execute(struct pgr_pgconn *c, const char *name,
                                      int nparams, const char *const *params,
                                      pgr_pgconn_result_cb cb, void *arg);
 int pgr_pgconn_ready(const struct pgr_pgconn *c);
+/*
+ * The start of most result callbacks: 1 if `res` has status `want`; 0 if
+ * the connection dropped (res is NULL: on_down follows and says so) or the
+ * statement failed, which is logged at `level` as `what`, with the
+ * server's message as `error`.
+ */
+int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want, int level,
+                         const char *what);
 void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb);
 
 #endif /* PGR_PGCONN_H */
