@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from pgr_fixtures import (add_task as add, free_port, pgrunner_bin,
+from pgr_fixtures import (add_task as add, assert_no_sanitizer_report,
+                          free_port, pgrunner_bin,
                           pgrunner_env, wait_until)
 
 import browser as browser_mod  # noqa: E402  (tests/support)
@@ -53,7 +54,9 @@ class Web:
 
     def stop(self):
         self.proc.terminate()
-        return self.proc.wait(timeout=30)
+        out, _ = self.proc.communicate(timeout=30)
+        assert_no_sanitizer_report(out.decode("utf-8", "replace"), "web")
+        return self.proc.returncode
 
 
 def failed_task(db, kind="mail_out", error="boom"):

@@ -28,8 +28,8 @@ import types
 import psycopg2
 import pytest
 
-from pgr_fixtures import free_port, new_db, password_role, restart_pg, \
-    wait_until, run_pgrunner, PgServer, Db
+from pgr_fixtures import SANITIZER_MARKS, free_port, new_db, password_role, \
+    restart_pg, wait_until, run_pgrunner, PgServer, Db
 
 # The jobs every test may use. `slow` is the job of the brief: insert a row
 # keyed by the payload's "k" (the PRIMARY KEY makes a second committed
@@ -103,11 +103,6 @@ BEGIN
   RAISE EXCEPTION '%', p->>'msg';
 END $$;
 """
-
-SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
-                   "WARNING: ThreadSanitizer", "runtime error:",
-                   "SUMMARY: AddressSanitizer", "SUMMARY: ThreadSanitizer",
-                   "SUMMARY: UndefinedBehaviorSanitizer")
 
 
 # --- helpers ----------------------------------------------------------------

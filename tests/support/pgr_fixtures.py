@@ -215,25 +215,46 @@ def add_task(db, kind, **kw):
     return db.scalar(f"SELECT pgrunner.add_task({', '.join(args)})", vals)
 
 
+LSAN_SUPPRESSIONS = os.path.join(ROOT, "tests", "lsan.supp")
+# What a sanitizer prints when it finds something (ASan, LSan, TSan, UBSan).
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                   "WARNING: ThreadSanitizer", "runtime error:",
+                   "SUMMARY: AddressSanitizer", "SUMMARY: ThreadSanitizer",
+                   "SUMMARY: UndefinedBehaviorSanitizer")
+
+
 def pgrunner_env(env=None):
     """The test's environment without any pgrunner configuration of the
-    caller's, plus `env`."""
+    caller's, plus `env`. LeakSanitizer (on by default in an ASan build)
+    gets the repository's suppressions for leaks inside libraries we do not
+    own, unless the caller set LSAN_OPTIONS."""
     e = dict(os.environ)
     for k in list(e):
         if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
             del e[k]
     e.pop("DATABASE_URL", None)
+    e.setdefault("LSAN_OPTIONS", f"suppressions={LSAN_SUPPRESSIONS}")
     if env:
         e.update(env)
     return e
 
 
+def assert_no_sanitizer_report(text, what="pgrunner"):
+    """A leak or ASan report fails the test even where the test did not
+    look at the exit code (e.g. a worker it only killed at teardown)."""
+    text = text or ""
+    at = [text.find(m) for m in SANITIZER_MARKS if m in text]
+    assert not at, f"{what}: sanitizer report:\n{text[min(at):][:6000]}"
+
+
 def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
     """Run the real binary to completion; return CompletedProcess (text)."""
     e = pgrunner_env(env)
-    return subprocess.run([pgrunner_bin()] + list(args), env=e,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, check=check, timeout=timeout, input=input)
+    r = subprocess.run([pgrunner_bin()] + list(args), env=e,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, check=check, timeout=timeout, input=input)
+    assert_no_sanitizer_report(r.stderr, "pgrunner " + " ".join(args[:1]))
+    return r
 
 
 @pytest.fixture
@@ -301,6 +322,8 @@ def workers(tmp_path):
     for w in started:
         if w.alive():
             w.kill()
+    for i, w in enumerate(started):
+        assert_no_sanitizer_report(w.output(), f"worker{i}")
 
 
 def wait_until(pred, timeout=30.0, interval=0.02, what="condition"):
