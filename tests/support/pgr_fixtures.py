@@ -62,8 +62,9 @@ def _as_pg_user():
 
 
 class PgServer:
-    def __init__(self, extra_conf=""):
+    def __init__(self, extra_conf="", env=None):
         self.extra_conf = extra_conf
+        self.env = env  # the environment of initdb, pg_ctl and the server
         self.tmp = tempfile.mkdtemp(prefix="pgr-test-pg-")
         self.data = os.path.join(self.tmp, "data")
         self.port = free_port()
@@ -80,7 +81,8 @@ class PgServer:
         if self.root:
             args = ["runuser", "-u", "postgres", "--"] + args
         return subprocess.run(args, check=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, cwd=self.tmp, **kw)
+                              stderr=subprocess.STDOUT, cwd=self.tmp,
+                              env=self.env, **kw)
 
     def start(self):
         self._run([os.path.join(PG_BIN, "initdb"), "-D", self.data,
@@ -133,6 +135,39 @@ def _running_server():
 @pytest.fixture(scope="session")
 def pg():
     yield from _running_server()
+
+
+@pytest.fixture(scope="session")
+def german_pg():
+    """A private server whose messages are in German, for tests that must
+    not depend on the English text of a message. The locale is compiled
+    with localedef (Debian `locales`) into the server's own directory and
+    found through LOCPATH, so the machine needs no German locale."""
+    server = PgServer("lc_messages = 'de_DE.UTF-8'\n")
+    try:
+        locales = os.path.join(server.tmp, "locale")
+        os.mkdir(locales)
+        subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8",
+                        os.path.join(locales, "de_DE.UTF-8")], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        server.env = dict(os.environ, LOCPATH=locales)
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def german_mdb(german_pg):
+    """`mdb` on german_pg; checks first that the server speaks German."""
+    d = new_db(german_pg)
+    with pytest.raises(psycopg2.Error) as e:
+        d.query("SELECT 1/0")
+    assert "Division durch Null" in str(e.value), str(e.value)
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 class Db:
