@@ -12,7 +12,6 @@
  */
 #include "loop/loop.h"
 
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -253,12 +252,7 @@ int pgr_loop_run(const struct pgr_config *cfg) {
   PGR_ASSERT(uv_signal_start(&l->sighup, on_signal, SIGHUP) == 0);
   /* main() held these from the start; one that came meanwhile is taken
      now, by the watchers above. */
-  sigset_t stops;
-  sigemptyset(&stops);
-  sigaddset(&stops, SIGTERM);
-  sigaddset(&stops, SIGINT);
-  sigaddset(&stops, SIGHUP);
-  pthread_sigmask(SIG_UNBLOCK, &stops, NULL);
+  pgr_stop_signals_mask(SIG_UNBLOCK);
 
   pgr_health_reset(cfg->concurrency);
   PGR_ASSERT(pgr_pool_create(cfg, handlers, l->appname, &l->done_async,
