@@ -19,7 +19,7 @@ PACKAGES="build-essential cmake pkg-config libpq-dev libuv1-dev libesmtp-dev lib
   libjansson-dev libssl-dev libcriterion-dev
   postgresql-15 postgresql-client-15 python3 python3-pytest python3-psycopg2
   python3-aiosmtpd python3-websocket chromium openssl pgbouncer
-  clang libclang-rt-14-dev locales"
+  clang libclang-rt-14-dev clang-format locales"
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
