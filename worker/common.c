@@ -5,6 +5,8 @@
  */
 #include "common.h"
 
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,6 +51,15 @@ void *pgr_realloc(void *p, size_t n) {
   if (q == NULL)
     oom(n);
   return q;
+}
+
+void pgr_stop_signals_mask(int how) {
+  sigset_t stops;
+  sigemptyset(&stops);
+  sigaddset(&stops, SIGTERM);
+  sigaddset(&stops, SIGINT);
+  sigaddset(&stops, SIGHUP);
+  pthread_sigmask(how, &stops, NULL);
 }
 
 void pgr_trim_end(char *s) {

@@ -48,6 +48,8 @@ char *pgr_strndup(const char *s, size_t n);
    end with a newline) in place. */
 void pgr_trim_end(char *s);
 char *pgr_asprintf(const char *fmt, ...) PGR_PRINTF(1, 2);
+/* pthread_sigmask(how) of the stop signals: SIGTERM, SIGINT and SIGHUP. */
+void pgr_stop_signals_mask(int how);
 
 /*
  * The async/sync line, enforced at run time. The loop thread calls

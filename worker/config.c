@@ -27,6 +27,7 @@
 #include <jansson.h>
 
 #include "conninfo.h"
+#include "logfmt.h"
 
 enum {
   OPT_DB = 1000,
@@ -399,19 +400,13 @@ int pgr_valid_kind(const char *kind) {
   return 1;
 }
 
+/* The log's own level names, and "warning" for warn. */
 static int parse_level(const char *s, enum pgr_level *out) {
-  static const char *names[] = {"debug", "info", "warn", "error"};
-  for (int i = 0; i < 4; i++) {
-    if (strcmp(s, names[i]) == 0) {
-      *out = (enum pgr_level)i;
-      return 0;
-    }
-  }
   if (strcmp(s, "warning") == 0) {
     *out = PGR_LEVEL_WARN;
     return 0;
   }
-  return PGR_EINVAL;
+  return pgr_log_level_parse(s, out);
 }
 
 static int parse_listen(const char *s, char **host, int *port) {

@@ -71,9 +71,8 @@ static void clean(const char *msg, char *out, size_t outlen) {
     if (*p == '\n')
       p++;
   }
-  while (b.len > 0 && b.data[b.len - 1] == ' ')
-    b.data[--b.len] = '\0';
-  snprintf(out, outlen, "%s", b.len ? b.data : "unknown error");
+  pgr_trim_end(b.data);
+  snprintf(out, outlen, "%s", b.data[0] ? b.data : "unknown error");
   pgr_buf_free(&b);
 }
 

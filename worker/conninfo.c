@@ -67,9 +67,7 @@ int pgr_conninfo_parse(const char *conninfo, const char *appname,
     opts = PQconninfoParse(conninfo, &err);
     if (opts == NULL) {
       char *safe = pgr_redact(conninfo, err ? err : "out of memory");
-      size_t l = strlen(safe);
-      while (l > 0 && (safe[l - 1] == '\n' || safe[l - 1] == ' '))
-        safe[--l] = '\0';
+      pgr_trim_end(safe);
       snprintf(errbuf, errlen, "invalid connection string: %s", safe);
       free(safe);
       PQfreemem(err);

@@ -69,6 +69,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -97,13 +98,14 @@
  * formatted into, so a record costs one allocation (usually no realloc).
  */
 struct rec {
-  struct rec *next;
+  STAILQ_ENTRY(rec) next;
   size_t size;     /* bytes allocated, counted against QUEUE_MAX_BYTES */
   size_t line_len; /* the line in this process's format follows the header */
   size_t wire_off; /* client mode: offset of the wire line; else 0 */
   size_t wire_len;
   enum pgr_level level;
 };
+STAILQ_HEAD(recs, rec);
 
 /* What a logging thread formats: the line, or the line and the wire form. */
 enum mode { MODE_LOCAL = 0, MODE_CLIENT = 1 };
@@ -114,7 +116,7 @@ struct client {
   struct pgr_buf in; /* the unfinished line */
   int discarding;    /* skipping an overlong line up to its newline */
   uint64_t rejected;
-  struct client *prev, *next;
+  LIST_ENTRY(client) link;
 };
 
 static uv_once_t once = UV_ONCE_INIT;
@@ -123,7 +125,7 @@ static uv_mutex_t mu;
 static uv_cond_t room;
 
 /* Under mu. */
-static struct rec *q_head, **q_tail = &q_head;
+static struct recs q = STAILQ_HEAD_INITIALIZER(q);
 static size_t q_count, q_bytes;
 static int q_waiters;
 static int accepting; /* records go to the queue, else straight to stderr */
@@ -147,8 +149,8 @@ static char cur_proc[PROC_MAX + 1] = "pgrunner";
  * is slow, and the heap kept growing and trimming under load.
  */
 static uv_mutex_t pool_mu;
-static struct rec *pool; /* under pool_mu */
-static size_t pool_len;  /* under pool_mu */
+static struct recs pool = STAILQ_HEAD_INITIALIZER(pool); /* under pool_mu */
+static size_t pool_len;                                  /* under pool_mu */
 
 static _Atomic uint64_t n_dropped, n_rejected;
 static atomic_int reopen_requested;
@@ -166,7 +168,7 @@ static struct {
   int quiet;
   char *log_path, *sock_path, *lock_path;
   int log_fd, conn_fd, lock_fd;
-  struct client *clients;
+  LIST_HEAD(, client) clients;
   size_t nclients;
   struct pgr_buf file_out, err_out;
   uint64_t drops_reported;
@@ -183,9 +185,9 @@ static void init_once(void) {
 static char *block_get(void) {
   struct rec *r;
   uv_mutex_lock(&pool_mu);
-  r = pool;
+  r = STAILQ_FIRST(&pool);
   if (r != NULL) {
-    pool = r->next;
+    STAILQ_REMOVE_HEAD(&pool, next);
     pool_len--;
   }
   uv_mutex_unlock(&pool_mu);
@@ -193,51 +195,41 @@ static char *block_get(void) {
 }
 
 /* rec_free returns usual-sized blocks to the pool (up to POOL_MAX). */
-static void rec_free(struct rec *list) {
-  struct rec *keep = NULL, *drop = NULL;
+static void rec_free(struct recs *list) {
+  struct recs keep = STAILQ_HEAD_INITIALIZER(keep);
+  struct rec *r;
   size_t nkeep = 0;
-  while (list != NULL) {
-    struct rec *r = list;
-    list = r->next;
+  while ((r = STAILQ_FIRST(list)) != NULL) {
+    STAILQ_REMOVE_HEAD(list, next);
     if (r->size == REC_INITIAL_BYTES && nkeep < POOL_MAX) {
-      r->next = keep;
-      keep = r;
+      STAILQ_INSERT_HEAD(&keep, r, next);
       nkeep++;
     } else {
-      r->next = drop;
-      drop = r;
+      free(r);
     }
   }
   uv_mutex_lock(&pool_mu);
-  while (keep != NULL && pool_len < POOL_MAX) {
-    struct rec *r = keep;
-    keep = r->next;
-    r->next = pool;
-    pool = r;
+  while (pool_len < POOL_MAX && (r = STAILQ_FIRST(&keep)) != NULL) {
+    STAILQ_REMOVE_HEAD(&keep, next);
+    STAILQ_INSERT_HEAD(&pool, r, next);
     pool_len++;
   }
   uv_mutex_unlock(&pool_mu);
-  while (keep != NULL) {
-    struct rec *r = keep;
-    keep = r->next;
-    free(r);
-  }
-  while (drop != NULL) {
-    struct rec *r = drop;
-    drop = r->next;
+  while ((r = STAILQ_FIRST(&keep)) != NULL) {
+    STAILQ_REMOVE_HEAD(&keep, next);
     free(r);
   }
 }
 
 static void pool_clear(void) {
+  struct recs list = STAILQ_HEAD_INITIALIZER(list);
+  struct rec *r;
   uv_mutex_lock(&pool_mu);
-  struct rec *list = pool;
-  pool = NULL;
+  STAILQ_CONCAT(&list, &pool);
   pool_len = 0;
   uv_mutex_unlock(&pool_mu);
-  while (list != NULL) {
-    struct rec *r = list;
-    list = r->next;
+  while ((r = STAILQ_FIRST(&list)) != NULL) {
+    STAILQ_REMOVE_HEAD(&list, next);
     free(r);
   }
 }
@@ -299,7 +291,6 @@ static struct rec *rec_create(enum pgr_level level, const char *msg,
     pgr_logfmt_wire(&b, &r);
   }
   struct rec *rec = (struct rec *)(void *)b.data;
-  rec->next = NULL;
   rec->size = b.cap;
   rec->line_len = line_end - sizeof(struct rec);
   rec->wire_off = wire_off;
@@ -357,9 +348,8 @@ static int enqueue(struct rec *rec) {
         goto out;
     }
   }
-  int was_empty = q_head == NULL;
-  *q_tail = rec;
-  q_tail = &rec->next;
+  int was_empty = STAILQ_EMPTY(&q);
+  STAILQ_INSERT_TAIL(&q, rec, next);
   q_count++;
   q_bytes += rec->size;
   /* Under the lock: stop closes the handle only after it set !accepting.
@@ -393,13 +383,17 @@ void pgr_log_write(enum pgr_level level, const char *msg,
 
 /* ---- writer thread: output ---------------------------------------------- */
 
-static void writer_write(struct rec *list);
+static void writer_write(struct recs *list);
 
 /* writer_emit logs a record of the logger's own, on the writer thread. */
 static void writer_emit(enum pgr_level level, const char *msg,
                         const struct pgr_log_field *fields, size_t nfields) {
-  if (pgr_log_enabled(level))
-    writer_write(rec_create(level, msg, fields, nfields));
+  struct recs one = STAILQ_HEAD_INITIALIZER(one);
+  if (!pgr_log_enabled(level))
+    return;
+  struct rec *r = rec_create(level, msg, fields, nfields);
+  STAILQ_INSERT_TAIL(&one, r, next);
+  writer_write(&one);
 }
 
 static void flush_file(void) {
@@ -469,8 +463,9 @@ static int conn_send(const struct rec *r) {
 }
 
 /* writer_write writes and frees a list of records. */
-static void writer_write(struct rec *list) {
-  for (struct rec *r = list; r != NULL; r = r->next) {
+static void writer_write(struct recs *list) {
+  struct rec *r;
+  STAILQ_FOREACH(r, list, next) {
     int sent = W.conn_fd >= 0 && r->wire_len > 0 &&
                r->wire_len <= PGR_LOGFMT_WIRE_MAX && conn_send(r) == 0;
     if (!sent && W.log_fd >= 0)
@@ -534,12 +529,7 @@ static void on_closed(uv_handle_t *h) {
   struct client *c = h->data;
   if (c == NULL)
     return;
-  if (c->prev != NULL)
-    c->prev->next = c->next;
-  else
-    W.clients = c->next;
-  if (c->next != NULL)
-    c->next->prev = c->prev;
+  LIST_REMOVE(c, link);
   W.nclients--;
   if (c->rejected > 0) {
     atomic_fetch_add(&n_rejected, c->rejected);
@@ -638,10 +628,7 @@ static void on_connection(uv_stream_t *server, int status) {
   pgr_buf_init(&c->in);
   PGR_ASSERT(uv_pipe_init(&W.loop, &c->pipe, 0) == 0);
   c->pipe.data = c;
-  c->next = W.clients;
-  if (W.clients != NULL)
-    W.clients->prev = c;
-  W.clients = c;
+  LIST_INSERT_HEAD(&W.clients, c, link);
   W.nclients++;
   /* Beyond MAX_CLIENTS a client is closed at once; it then appends to the
    * file itself, which is just as safe, so nothing is lost. */
@@ -653,7 +640,8 @@ static void on_connection(uv_stream_t *server, int status) {
 
 /* At stop: take in what connected clients already sent, then close them. */
 static void server_drain_clients(void) {
-  for (struct client *c = W.clients; c != NULL; c = c->next) {
+  struct client *c;
+  LIST_FOREACH(c, &W.clients, link) {
     uv_os_fd_t fd;
     if (uv_is_closing((uv_handle_t *)&c->pipe) ||
         uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0)
@@ -715,14 +703,13 @@ static void on_gather(uv_timer_t *t);
 
 static void drain(int from_timer) {
   uv_mutex_lock(&mu);
-  struct rec *list = q_head;
-  q_head = NULL;
-  q_tail = &q_head;
+  struct recs list = STAILQ_HEAD_INITIALIZER(list);
+  STAILQ_CONCAT(&list, &q);
   q_count = q_bytes = 0;
   int stop = stopping;
   if (q_waiters > 0)
     uv_cond_broadcast(&room);
-  int gather = gathering = !stop && (list != NULL || !from_timer);
+  int gather = gathering = !stop && (!STAILQ_EMPTY(&list) || !from_timer);
   uv_mutex_unlock(&mu);
   if (gather)
     PGR_ASSERT(uv_timer_start(&W.gather_timer, on_gather, GATHER_MS, 0) == 0);
@@ -731,7 +718,7 @@ static void drain(int from_timer) {
    * only if the request is visible now, so it lands in the new file. */
   if (atomic_exchange(&reopen_requested, 0))
     writer_reopen();
-  writer_write(list);
+  writer_write(&list);
   if (stop) {
     writer_shutdown();
   } else if (atomic_load(&n_dropped) != W.drops_reported &&

@@ -9,7 +9,6 @@
  * Exit codes (SPEC section 5): 0 success or clean shutdown, 1 runtime
  * failure, 2 bad usage or bad configuration with a one-line reason on stderr.
  */
-#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,12 +76,7 @@ int main(int argc, char **argv) {
      inherit the mask, so the main thread is the one that takes them once
      the loop unblocks them (pgr_loop_run); the other commands unblock them
      below, `web` waits for them with sigwait(). */
-  sigset_t stops;
-  sigemptyset(&stops);
-  sigaddset(&stops, SIGTERM);
-  sigaddset(&stops, SIGINT);
-  sigaddset(&stops, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &stops, NULL);
+  pgr_stop_signals_mask(SIG_BLOCK);
 
   if (pgr_config_parse(&cfg, argc, argv, err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: %s\n", err);
@@ -132,7 +126,7 @@ int main(int argc, char **argv) {
   }
 
   if (cfg.command != PGR_CMD_WORK && cfg.command != PGR_CMD_WEB)
-    pthread_sigmask(SIG_UNBLOCK, &stops, NULL);
+    pgr_stop_signals_mask(SIG_UNBLOCK);
   switch (cfg.command) {
   case PGR_CMD_WORK:
     rc = pgr_loop_run(&cfg);

@@ -278,12 +278,14 @@ def test_stale_interrupt_does_not_reach_another_attempt(mdb, fw):
     stop_ok(w)
 
 
-def test_interrupt_nobody_asked_for_spends_no_attempt(mdb, fw):
+@pytest.mark.parametrize("database", ["mdb", "german_mdb"])
+def test_interrupt_nobody_asked_for_spends_no_attempt(database, request, fw):
     """A cancel that lands on an attempt nobody wanted to interrupt (a stale
     one from the loop, or a DBA's pg_cancel_backend) is not the task's
     fault: it runs again and the attempt does not count, even on its last
-    allowed attempt."""
-    db = jobs(mdb)
+    allowed attempt. Told by SQLSTATE, not by the English message: the
+    german_mdb server words it in German."""
+    db = jobs(request.getfixturevalue(database))
     w = fw(db, "--concurrency", "1", "--poll-interval", "200")
     _, name = registered(db, w)
     with gate(db):

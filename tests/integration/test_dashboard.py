@@ -6,10 +6,12 @@ import http.client
 import os
 import subprocess
 import time
+import types
 
 import pytest
 
-from pgr_fixtures import (add_task as add, free_port, pgrunner_bin,
+from pgr_fixtures import (add_task as add, assert_no_sanitizer_report,
+                          free_port, pgrunner_bin,
                           pgrunner_env, wait_until)
 
 import browser as browser_mod  # noqa: E402  (tests/support)
@@ -25,7 +27,7 @@ def browser():
 
 
 class Web:
-    def __init__(self, db, token=None):
+    def __init__(self, db, token=None, healthz=200):
         self.port = free_port()
         env = pgrunner_env()
         if token:
@@ -34,7 +36,7 @@ class Web:
             [pgrunner_bin(), "web", "--db", db.dsn, "--listen",
              f"127.0.0.1:{self.port}"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.request("GET", "/healthz")[0] == 200,
+        wait_until(lambda: self.request("GET", "/healthz")[0] == healthz,
                    timeout=30, what="pgrunner web up")
 
     def url(self, path):
@@ -53,7 +55,9 @@ class Web:
 
     def stop(self):
         self.proc.terminate()
-        return self.proc.wait(timeout=30)
+        out, _ = self.proc.communicate(timeout=30)
+        assert_no_sanitizer_report(out.decode("utf-8", "replace"), "web")
+        return self.proc.returncode
 
 
 def failed_task(db, kind="mail_out", error="boom"):
@@ -61,6 +65,19 @@ def failed_task(db, kind="mail_out", error="boom"):
         "INSERT INTO pgrunner.tasks (kind, queue, state, attempts, "
         "max_attempts, finished_at, last_error) VALUES "
         "(%s, 'mail', 'failed', 3, 3, now(), %s) RETURNING id", (kind, error))
+
+
+def test_page_without_its_database_says_so(db):
+    """The database gone: the page answers 503 with the reason, and the
+    web process frees what the page had begun (LeakSanitizer in the ASan
+    build)."""
+    gone = types.SimpleNamespace(dsn=db.server.dsn("no_such_database"))
+    web = Web(gone, healthz=503)
+    try:
+        status, _, body = web.request("GET", "/")
+        assert status == 503 and "database cannot be read" in body, body
+    finally:
+        assert web.stop() == 0
 
 
 def test_page_renders_queues_and_failures_as_text(mdb, browser):

@@ -62,8 +62,9 @@ def _as_pg_user():
 
 
 class PgServer:
-    def __init__(self, extra_conf=""):
+    def __init__(self, extra_conf="", env=None):
         self.extra_conf = extra_conf
+        self.env = env  # the environment of initdb, pg_ctl and the server
         self.tmp = tempfile.mkdtemp(prefix="pgr-test-pg-")
         self.data = os.path.join(self.tmp, "data")
         self.port = free_port()
@@ -80,7 +81,8 @@ class PgServer:
         if self.root:
             args = ["runuser", "-u", "postgres", "--"] + args
         return subprocess.run(args, check=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, cwd=self.tmp, **kw)
+                              stderr=subprocess.STDOUT, cwd=self.tmp,
+                              env=self.env, **kw)
 
     def start(self):
         self._run([os.path.join(PG_BIN, "initdb"), "-D", self.data,
@@ -133,6 +135,39 @@ def _running_server():
 @pytest.fixture(scope="session")
 def pg():
     yield from _running_server()
+
+
+@pytest.fixture(scope="session")
+def german_pg():
+    """A private server whose messages are in German, for tests that must
+    not depend on the English text of a message. The locale is compiled
+    with localedef (Debian `locales`) into the server's own directory and
+    found through LOCPATH, so the machine needs no German locale."""
+    server = PgServer("lc_messages = 'de_DE.UTF-8'\n")
+    try:
+        locales = os.path.join(server.tmp, "locale")
+        os.mkdir(locales)
+        subprocess.run(["localedef", "-i", "de_DE", "-f", "UTF-8",
+                        os.path.join(locales, "de_DE.UTF-8")], check=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        server.env = dict(os.environ, LOCPATH=locales)
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def german_mdb(german_pg):
+    """`mdb` on german_pg; checks first that the server speaks German."""
+    d = new_db(german_pg)
+    with pytest.raises(psycopg2.Error) as e:
+        d.query("SELECT 1/0")
+    assert "Division durch Null" in str(e.value), str(e.value)
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 class Db:
@@ -215,25 +250,46 @@ def add_task(db, kind, **kw):
     return db.scalar(f"SELECT pgrunner.add_task({', '.join(args)})", vals)
 
 
+LSAN_SUPPRESSIONS = os.path.join(ROOT, "tests", "lsan.supp")
+# What a sanitizer prints when it finds something (ASan, LSan, TSan, UBSan).
+SANITIZER_MARKS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer",
+                   "WARNING: ThreadSanitizer", "runtime error:",
+                   "SUMMARY: AddressSanitizer", "SUMMARY: ThreadSanitizer",
+                   "SUMMARY: UndefinedBehaviorSanitizer")
+
+
 def pgrunner_env(env=None):
     """The test's environment without any pgrunner configuration of the
-    caller's, plus `env`."""
+    caller's, plus `env`. LeakSanitizer (on by default in an ASan build)
+    gets the repository's suppressions for leaks inside libraries we do not
+    own, unless the caller set LSAN_OPTIONS."""
     e = dict(os.environ)
     for k in list(e):
         if k.startswith("PGRUNNER_") and k != "PGRUNNER_BIN":
             del e[k]
     e.pop("DATABASE_URL", None)
+    e.setdefault("LSAN_OPTIONS", f"suppressions={LSAN_SUPPRESSIONS}")
     if env:
         e.update(env)
     return e
 
 
+def assert_no_sanitizer_report(text, what="pgrunner"):
+    """A leak or ASan report fails the test even where the test did not
+    look at the exit code (e.g. a worker it only killed at teardown)."""
+    text = text or ""
+    at = [text.find(m) for m in SANITIZER_MARKS if m in text]
+    assert not at, f"{what}: sanitizer report:\n{text[min(at):][:6000]}"
+
+
 def run_pgrunner(args, env=None, check=False, timeout=60, input=None):
     """Run the real binary to completion; return CompletedProcess (text)."""
     e = pgrunner_env(env)
-    return subprocess.run([pgrunner_bin()] + list(args), env=e,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, check=check, timeout=timeout, input=input)
+    r = subprocess.run([pgrunner_bin()] + list(args), env=e,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, check=check, timeout=timeout, input=input)
+    assert_no_sanitizer_report(r.stderr, "pgrunner " + " ".join(args[:1]))
+    return r
 
 
 @pytest.fixture
@@ -301,6 +357,8 @@ def workers(tmp_path):
     for w in started:
         if w.alive():
             w.kill()
+    for i, w in enumerate(started):
+        assert_no_sanitizer_report(w.output(), f"worker{i}")
 
 
 def wait_until(pred, timeout=30.0, interval=0.02, what="condition"):

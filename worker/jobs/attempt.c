@@ -131,12 +131,22 @@ void pgr_attempt_ids(struct pgr_attempt_ids *t, const struct pgr_claim *c) {
   snprintf(t->wid, sizeof t->wid, "%lld", (long long)c->worker_id);
 }
 
-/* The server cancelled a statement on request (SQLSTATE 57014 is also a
-   statement_timeout; its message tells them apart, and a message in another
-   language counts the attempt, as before). */
-static int unsolicited_cancel(const struct pgr_attempt *a) {
+/* SQLSTATE 57014 (query_canceled) is both the attempt's statement_timeout
+   and a cancel request; only the message, in the server's language, names
+   which. With no interrupt sent by this worker, the time limit is the one
+   that had its full time: statement_timeout is armed after the attempt
+   started, so it cannot fire sooner. A cancel before that is someone
+   else's (or a stale one of ours); one after it counts as the time limit,
+   which the watchdog would enforce anyway. */
+static int statement_timed_out(const struct pgr_attempt *a,
+                               const struct pgr_claim *c) {
   return strcmp(a->state, "57014") == 0 &&
-         strstr(a->msg, "due to user request") != NULL;
+         pgr_now_us() - c->started_us >= (uint64_t)c->timeout_s * 1000000u;
+}
+
+static int unsolicited_cancel(const struct pgr_attempt *a,
+                              const struct pgr_claim *c) {
+  return strcmp(a->state, "57014") == 0 && !statement_timed_out(a, c);
 }
 
 /* How many times a statement of the rare paths below is tried again after
@@ -383,7 +393,7 @@ void pgr_attempt_run(struct pgr_slot *s, struct pgr_claim *c) {
       finish(s, c, "cancel", msg, NULL, -1);
     } else if (why == PGR_INT_SHUTDOWN) {
       finish(s, c, "requeue", "", NULL, -1);
-    } else if (why == PGR_INT_NONE && unsolicited_cancel(&a)) {
+    } else if (why == PGR_INT_NONE && unsolicited_cancel(&a, c)) {
       /* Nobody here asked (no cancel, time limit or shutdown for this
          attempt): a stale interrupt meant for an attempt that has ended, or
          someone else's pg_cancel_backend. Not the task's fault: it runs
@@ -391,8 +401,7 @@ void pgr_attempt_run(struct pgr_slot *s, struct pgr_claim *c) {
       pgr_warn("task's statement cancelled, not by this worker; queued again",
                PGR_LI("task", c->id), PGR_LI("attempt", c->attempt));
       finish(s, c, "requeue", "", NULL, -1);
-    } else if (why == PGR_INT_TIMEOUT ||
-               strstr(a.msg, "statement timeout") != NULL) {
+    } else if (why == PGR_INT_TIMEOUT || statement_timed_out(&a, c)) {
       snprintf(tmsg, sizeof tmsg, "task exceeded its time limit of %d s",
                c->timeout_s);
       msg = tmsg;

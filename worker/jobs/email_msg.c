@@ -25,6 +25,7 @@
 #include <time.h>
 
 #include <jansson.h>
+#include <openssl/evp.h>
 
 /* RFC 5322 2.1.1: lines SHOULD stay within 78 characters, MUST within 998. */
 #define LINE_SOFT 78
@@ -316,21 +317,16 @@ static void hw_end(struct hw *w) {
   pgr_buf_add(w->b, "\r\n", 2);
 }
 
-static const char b64chars[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/* b64_raw appends the base64 of s (no line breaks). */
+/* b64_raw appends the base64 of s (no line breaks), in slices of a whole
+   number of 3-byte groups, so only the last one is padded. */
 static void b64_raw(struct pgr_buf *b, const unsigned char *s, size_t n) {
-  for (size_t i = 0; i < n; i += 3) {
-    unsigned v = (unsigned)s[i] << 16;
-    if (i + 1 < n)
-      v |= (unsigned)s[i + 1] << 8;
-    if (i + 2 < n)
-      v |= s[i + 2];
-    pgr_buf_addc(b, b64chars[(v >> 18) & 63]);
-    pgr_buf_addc(b, b64chars[(v >> 12) & 63]);
-    pgr_buf_addc(b, i + 1 < n ? b64chars[(v >> 6) & 63] : '=');
-    pgr_buf_addc(b, i + 2 < n ? b64chars[v & 63] : '=');
+  unsigned char out[4 * 48 / 3 + 1]; /* EVP_EncodeBlock adds a NUL */
+  while (n > 0) {
+    int k = n < 48 ? (int)n : 48;
+    int m = EVP_EncodeBlock(out, s, k);
+    pgr_buf_add(b, (const char *)out, (size_t)m);
+    s += k;
+    n -= (size_t)k;
   }
 }
 

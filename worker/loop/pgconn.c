@@ -27,7 +27,7 @@ enum cmd_kind {
 };
 
 struct pgr_pgcmd {
-  struct pgr_pgcmd *next;
+  STAILQ_ENTRY(pgr_pgcmd) next;
   enum cmd_kind kind;
   char *name;
   char *sql;
@@ -276,6 +276,7 @@ int pgr_pgconn_init(uv_loop_t *loop, struct pgr_pgconn *c, const char *conninfo,
                     const char *appname, char *errbuf, size_t errlen) {
   int rc;
   memset(c, 0, sizeof *c);
+  STAILQ_INIT(&c->cmds);
   c->loop = loop;
   c->conninfo = pgr_strdup(conninfo ? conninfo : "");
   if ((rc = pgr_conninfo_parse(conninfo, appname, &c->ci, errbuf, errlen)) !=
@@ -312,7 +313,7 @@ static void flush(struct pgr_pgconn *c) {
 }
 
 static void send_next(struct pgr_pgconn *c) {
-  struct pgr_pgcmd *cmd = c->head;
+  struct pgr_pgcmd *cmd = STAILQ_FIRST(&c->cmds);
   if (c->busy || cmd == NULL || c->state != PGR_PGC_READY)
     return;
   /* Without parameters, the simple protocol: it allows several
@@ -357,11 +358,7 @@ static int enqueue(struct pgr_pgconn *c, enum cmd_kind kind, const char *name,
     cmd->params[i] = params[i] ? pgr_strdup(params[i]) : NULL;
   cmd->cb = cb;
   cmd->arg = arg;
-  if (c->tail)
-    c->tail->next = cmd;
-  else
-    c->head = cmd;
-  c->tail = cmd;
+  STAILQ_INSERT_TAIL(&c->cmds, cmd, next);
   send_next(c);
   return 0;
 }
@@ -385,19 +382,19 @@ int pgr_pgconn_execute(struct pgr_pgconn *c, const char *name, int nparams,
 
 /* Fail every queued command; their callbacks see NULL. */
 static void fail_commands(struct pgr_pgconn *c) {
-  struct pgr_pgcmd *cmd = c->head;
-  c->head = c->tail = NULL;
+  struct pgr_pgcmds cmds = STAILQ_HEAD_INITIALIZER(cmds);
+  struct pgr_pgcmd *cmd;
+  STAILQ_CONCAT(&cmds, &c->cmds);
   c->busy = 0;
   if (c->result) {
     PQclear(c->result);
     c->result = NULL;
   }
-  while (cmd) {
-    struct pgr_pgcmd *next = cmd->next;
+  while ((cmd = STAILQ_FIRST(&cmds)) != NULL) {
+    STAILQ_REMOVE_HEAD(&cmds, next);
     if (cmd->cb)
       cmd->cb(c, NULL, cmd->arg);
     cmd_free(cmd);
-    cmd = next;
   }
 }
 
@@ -456,12 +453,10 @@ static void on_readable(struct pgr_pgconn *c) {
        the server meant: session.c relies on that order. */
     if (!deliver_notifies(c))
       return;
-    struct pgr_pgcmd *cmd = c->head;
+    struct pgr_pgcmd *cmd = STAILQ_FIRST(&c->cmds);
     PGresult *done = c->result;
     c->result = NULL;
-    c->head = cmd->next;
-    if (c->head == NULL)
-      c->tail = NULL;
+    STAILQ_REMOVE_HEAD(&c->cmds, next);
     c->busy = 0;
     if (cmd->cb)
       cmd->cb(c, done, cmd->arg);

@@ -21,6 +21,7 @@
 #define PGR_PGCONN_H
 
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include <libpq-fe.h>
 #include <uv.h>
@@ -65,8 +66,8 @@ struct pgr_pgconn {
   uint64_t backoff_ms;
   uint64_t connect_timeout_ms; /* one attempt; 0: no limit */
   uint64_t seed;
-  struct pgr_pgcmd *head, *tail;
-  int busy; /* head was sent; its results are coming */
+  STAILQ_HEAD(pgr_pgcmds, pgr_pgcmd) cmds;
+  int busy; /* the first of cmds was sent; its results are coming */
   PGresult *result;
   int pending_closes;
   pgr_pgconn_event_cb close_cb;

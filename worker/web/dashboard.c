@@ -215,9 +215,9 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   PGconn *conn = pgr_webdb_get(err, sizeof err);
   int status = 200;
 
-  pgr_buf_init(&arr);
   if (conn == NULL)
     return db_error(out, err);
+  pgr_buf_init(&arr);
   pgr_buf_add_array(&arr, queues, nqueues);
   const char *p1[1] = {arr.data};
   if ((qs = pgr_db_exec(conn, queues_sql, 1, p1, err, sizeof err,

@@ -151,7 +151,6 @@ static enum MHD_Result action(struct MHD_Connection *conn, const char *rest) {
   char id[32];
   const char *slash = strchr(rest, '/');
 
-  pgr_buf_init(&b);
   if (token_ == NULL)
     return reply(conn, MHD_HTTP_FORBIDDEN, app_json,
                  pgr_strdup("{\"error\":\"read-only: PGRUNNER_ADMIN_TOKEN "
@@ -164,6 +163,7 @@ static enum MHD_Result action(struct MHD_Connection *conn, const char *rest) {
                  pgr_strdup("{\"error\":\"not found\"}\n"));
   memcpy(id, rest, (size_t)(slash - rest));
   id[slash - rest] = '\0';
+  pgr_buf_init(&b);
   int status = pgr_dash_action(id, slash + 1, &b);
   return page(conn, status, app_json, &b);
 }
@@ -179,14 +179,14 @@ static int dashboard(struct MHD_Connection *conn, const char *url,
     *ret = reply(conn, MHD_HTTP_OK, ctype, pgr_strdup(asset));
     return 0;
   }
+  if (strcmp(url, "/") != 0 && strncmp(url, "/task/", 6) != 0)
+    return -1;
   pgr_buf_init(&b);
   if (strcmp(url, "/") == 0)
     status = pgr_dash_index((const char *const *)queues_, nqueues_,
                             token_ != NULL, &b);
-  else if (strncmp(url, "/task/", 6) == 0)
-    status = pgr_dash_task(url + 6, token_ != NULL, &b);
   else
-    return -1;
+    status = pgr_dash_task(url + 6, token_ != NULL, &b);
   *ret = page(conn, status, text_html, &b);
   return 0;
 }
