@@ -89,10 +89,13 @@ BEGIN
   THEN
     -- A head being claimed or cancelled right now is left alone (no wait:
     -- the claim starts it, the cancel releases the key).
+    -- By primary key only (the checks as a row match no partial index,
+    -- see 0005's lock_attempt).
     UPDATE pgrunner.tasks t SET serial_held = true
      WHERE t.id = (SELECT x.id FROM pgrunner.tasks x
-                    WHERE x.id = h.id AND x.state = 'queued'
-                      AND NOT x.serial_held
+                    WHERE x.id = h.id
+                      AND (x.state, x.serial_held)
+                          IS NOT DISTINCT FROM ('queued'::text, false)
                       FOR UPDATE SKIP LOCKED);
     NEW.serial_held := NOT FOUND;
   ELSE
@@ -129,7 +132,8 @@ BEGIN
     END IF;
     -- Cancelled meanwhile (cancel_task does not take the key): the next.
     UPDATE pgrunner.tasks t SET serial_held = false
-     WHERE t.id = nxt AND t.state = 'queued' AND t.serial_held
+     WHERE t.id = nxt
+       AND (t.state, t.serial_held) IS NOT DISTINCT FROM ('queued'::text, true)
     RETURNING t.queue INTO q;
     EXIT WHEN FOUND;
   END LOOP;
@@ -298,9 +302,12 @@ BEGIN
       allow := 0;
     END IF;
     IF l.max_running IS NOT NULL THEN
+      -- By primary key only: "state = 'running'" would match
+      -- tasks_running_idx, which the planner may prefer (see 0005's
+      -- lock_attempt).
       running := ARRAY(SELECT t.id FROM pgrunner.tasks t
                         WHERE t.id = ANY (l.running_ids)
-                          AND t.state = 'running');
+                          AND t.state IS NOT DISTINCT FROM 'running');
       allow := least(allow, l.max_running - cardinality(running));
     END IF;
     IF l.rate_n IS NOT NULL THEN
