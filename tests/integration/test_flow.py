@@ -408,3 +408,36 @@ def test_an_empty_serial_key_is_refused(mdb):
         add_task(mdb, "noop", serial_key="")
     assert "tasks_serial_key_check" in str(e.value)
     assert mdb.scalar("SELECT count(*) FROM pgrunner.tasks") == 0
+
+
+def test_a_producer_adds_serial_tasks_and_may_not_change_limits(mdb):
+    """pgrunner_producer inserts tasks with a serial key (the key's
+    triggers run as their owner, also when a new task takes the place of
+    an unstarted head) and cancels one; limits are the owner's."""
+    name = "r_flow_producer"
+    mdb.query(f'CREATE ROLE "{name}" LOGIN')
+    mdb.query(f'GRANT pgrunner_producer TO "{name}"')
+    p = psycopg2.connect(host=mdb.server.host, port=mdb.server.port,
+                         user=name, dbname=mdb.name)
+    p.autocommit = True
+    try:
+        with p.cursor() as cur:
+            cur.execute("SELECT pgrunner.add_task('noop', queue => 'off',"
+                        " priority => 5, serial_key => 'prod')")
+            late = cur.fetchone()[0]
+            cur.execute("INSERT INTO pgrunner.tasks (kind, queue, priority,"
+                        " serial_key) VALUES ('noop', 'off', -5, 'prod')"
+                        " RETURNING id")
+            early = cur.fetchone()[0]
+            cur.execute("SELECT pgrunner.cancel_task(%s)", (early,))
+            assert cur.fetchone()[0] is True
+            with pytest.raises(psycopg2.Error) as e:
+                cur.execute("SELECT pgrunner.set_queue_limit('off',"
+                            " max_running => 1)")
+            assert e.value.pgcode == "42501"  # insufficient_privilege
+    finally:
+        p.close()
+    assert mdb.query("SELECT id, state, serial_held FROM pgrunner.tasks"
+                     " ORDER BY id") == [(late, "queued", False),
+                                         (early, "cancelled", False)]
+    assert mdb.scalar("SELECT count(*) FROM pgrunner.queue_limits") == 0
