@@ -175,6 +175,30 @@ def test_cancel_fail_delete_and_retry_release_the_next(mdb, workers):
                       ids[3]: "failed", ids[4]: "succeeded"}, states
 
 
+def test_a_task_that_adds_the_next_task_of_its_own_key(mdb, workers):
+    """The key's row is the task's own (its insert took it): its end does
+    not wait for itself, and the task it added runs next."""
+    setup_jobs(mdb)
+    mdb.query("""
+      CREATE FUNCTION pgrunner_jobs.chain(p jsonb) RETURNS void
+      LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO public.runs VALUES (NULL, 'chain', (p->>'n')::int, 1,
+                                        clock_timestamp(), clock_timestamp());
+        IF (p->>'n')::int < 3 THEN
+          PERFORM pgrunner.add_task('chain', serial_key => 'chain',
+            payload => jsonb_build_object('n', (p->>'n')::int + 1));
+        END IF;
+      END $$;""")
+    add_task(mdb, "chain", serial_key="chain", payload={"n": 0})
+    w = workers(mdb, "--concurrency", "2", "--poll-interval", "100")
+    wait_until(lambda: mdb.scalar("SELECT count(*) FROM pgrunner.tasks"
+                                  " WHERE state = 'succeeded'") == 4,
+               timeout=60, what="the chain ran")
+    assert w.stop() == 0, w.output()
+    assert [r[1] for r in runs(mdb, "chain")] == [0, 1, 2, 3]
+
+
 def test_a_new_task_that_sorts_first_takes_the_place_of_an_unstarted_head(mdb):
     late = add_task(mdb, "noop", serial_key="p", queue="off", priority=5)
     early = add_task(mdb, "noop", serial_key="p", queue="off", priority=-5)
