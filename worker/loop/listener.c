@@ -55,7 +55,7 @@
  * the milliseconds until the next future task of our queues.
  */
 static const char claim_sql[] =
-    "WITH q0 AS ("
+    "WITH q AS ("
     "  SELECT * FROM unnest($2::text[], $3::int[], $5::int[],"
     "                       $6::timestamptz[], $7::bigint[])"
     "           AS q(name, lim, cp, cr, ci)"
@@ -63,13 +63,13 @@ static const char claim_sql[] =
     "  SELECT m.* FROM pgrunner.claim_limits($2::text[], $3::int[]) m"
     "   WHERE EXISTS (SELECT 1 FROM pgrunner.queue_limits l"
     "                  WHERE l.queue = ANY ($2::text[]))"
-    "), q AS ("
-    "  SELECT q0.name, least(q0.lim, coalesce(lm.allow, q0.lim)) AS lim,"
-    "         q0.cp, q0.cr, q0.ci"
-    "    FROM q0 LEFT JOIN lm ON lm.queue = q0.name"
+    "), ql AS ("
+    "  SELECT q.name, least(q.lim, coalesce(lm.allow, q.lim)) AS lim,"
+    "         q.cp, q.cr, q.ci"
+    "    FROM q LEFT JOIN lm ON lm.queue = q.name"
     "), c AS ("
     "  SELECT x.id, x.scan, x.priority, x.run_at"
-    "    FROM q CROSS JOIN LATERAL ("
+    "    FROM ql AS q CROSS JOIN LATERAL ("
     "    SELECT * FROM ("
     "      SELECT * FROM (SELECT t.id, 1 AS scan, t.priority, t.run_at"
     "         FROM pgrunner.tasks t"
