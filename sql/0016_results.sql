@@ -261,8 +261,9 @@ BEGIN
     GRANT USAGE ON SCHEMA pgrunner TO pgrunner_producer;
     -- Inserting: the columns a producer sets (never state, attempts or
     -- worker_id); the key's lock row (0004's trigger); reading back the id.
+    -- 0015's serial-key trigger runs as its owner.
     GRANT INSERT (kind, payload, queue, run_at, priority, max_attempts, key,
-                  timeout_seconds)
+                  timeout_seconds, serial_key)
       ON pgrunner.tasks TO pgrunner_producer;
     GRANT SELECT, INSERT, UPDATE ON pgrunner.task_keys TO pgrunner_producer;
     -- What `pgrunner status` and the schema check read.
@@ -272,7 +273,8 @@ BEGIN
     GRANT SELECT ON pgrunner.retry_policies TO pgrunner_producer;
     GRANT EXECUTE ON FUNCTION pgrunner.retry_policy TO pgrunner_producer;
     GRANT EXECUTE ON FUNCTION pgrunner.add_task(text, jsonb, text,
-                                                timestamptz, int, int, text),
+                                                timestamptz, int, int, text,
+                                                text),
                               pgrunner.cancel_task(bigint),
                               pgrunner.retry_task(bigint),
                               pgrunner.wait_task(bigint, interval)
@@ -282,7 +284,8 @@ BEGIN
   IF NOT 'pgrunner_worker' = ANY (missing) THEN
     GRANT USAGE ON SCHEMA pgrunner TO pgrunner_worker;
     GRANT SELECT, INSERT, UPDATE, DELETE
-      ON pgrunner.tasks, pgrunner.workers, pgrunner.task_keys
+      ON pgrunner.tasks, pgrunner.workers, pgrunner.task_keys,
+         pgrunner.serial_keys
       TO pgrunner_worker;
     GRANT SELECT, DELETE ON pgrunner.cancel_requests TO pgrunner_worker;
     GRANT SELECT, UPDATE ON pgrunner.schedules TO pgrunner_worker;
@@ -291,6 +294,8 @@ BEGIN
     -- 0012: each worker adds its outcomes per minute, and forgets old ones.
     GRANT SELECT, INSERT, UPDATE, DELETE ON pgrunner.queue_stats
       TO pgrunner_worker;
+    -- 0015: the claim reads and updates the limits of its queues.
+    GRANT SELECT, UPDATE ON pgrunner.queue_limits TO pgrunner_worker;
     GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgrunner TO pgrunner_worker;
     REVOKE EXECUTE ON FUNCTION pgrunner.setup_roles() FROM pgrunner_worker;
     -- The default jobs schema; its functions (EXECUTE is PUBLIC's unless

@@ -48,7 +48,9 @@ RUNNING_SCANNERS = ("NOT EXISTS (SELECT 1 FROM pgrunner.workers",
                     "WHERE t.state = 'running' GROUP BY",
                     "WHERE t.state = 'running' AND t.queue = q.name LIMIT",
                     "WHERE t.state = 'running' ORDER BY t.started_at")
-LOOKUP_INDEXES = {"tasks_pkey", "tasks_key_idx"}
+LOOKUP_INDEXES = {"tasks_pkey", "tasks_key_idx", "tasks_serial_head_idx"}
+# claim_limits (0015): only claims of a queue with limits run it.
+CLAIM_LIMITS = "ORDER BY x.queue FOR UPDATE"
 
 
 @pytest.fixture(scope="module")
@@ -177,13 +179,18 @@ SETUP_KINDS = """
 
 def some_of_each(db):
     """Tasks that take every path: no-op, SQL function, failure with retry,
-    permanent failure, a key, a running task whose worker is gone."""
+    permanent failure, a key, a serial key, a running task whose worker is
+    gone."""
     ids = [db.scalar("SELECT pgrunner.add_task('boom', priority => -5)"),
            db.scalar("SELECT pgrunner.add_task('no_such_kind', "
                      "priority => -5, key => 'k' || random())")]
     db.query("INSERT INTO pgrunner.tasks (kind, priority) "
              "SELECT k, -5 FROM unnest('{noop,fine}'::text[]) k, "
              "generate_series(1, 10)")
+    # Tasks of one serial key (0015): the head look-up at insert, the
+    # release of the next one at each end.
+    db.query("INSERT INTO pgrunner.tasks (kind, priority, serial_key) "
+             "SELECT 'noop', -5, 'each' FROM generate_series(1, 3)")
     db.query("INSERT INTO pgrunner.tasks (kind, state, attempts, worker_id,"
              " started_at) VALUES ('noop', 'running', 1, 42, now())")
     return ids
@@ -230,6 +237,10 @@ def exercise(server, db, bulk_sql=None):
             cur.execute("SELECT pgrunner.retry_task(%s)", (ids[1],))
             cur.execute("SELECT * FROM pgrunner.wait_task(%s, "
                         "interval '50 ms')", (ids[1],))
+            # An insert of a serial key looks up the key's head (0015).
+            for _ in range(2):
+                cur.execute("SELECT pgrunner.add_task('noop',"
+                            " serial_key => 'api')")
             cur.execute("SELECT pgrunner.release_unknown(42, '{}')")
             # What a worker's loop sends to interrupt an attempt.
             cur.execute("SELECT pgrunner.interrupt_attempt(%s, 1, 42,"
@@ -298,7 +309,37 @@ def test_rules_catch_a_bad_plan():
 def test_plans_on_an_empty_table(server):
     db = fresh_db(server)
     db.query("VACUUM ANALYZE pgrunner.tasks")
-    assert_plans(exercise(server, db))
+    plans = exercise(server, db)
+    assert_plans(plans)
+    # A queue without limits costs the claim no call of claim_limits.
+    assert not any(CLAIM_LIMITS in q for q in statements_seen(plans))
+
+
+@pytest.mark.parametrize("mode", ["auto", "force_generic_plan"])
+def test_plans_with_a_serial_key_backlog_and_queue_limits(server, mode):
+    """100,000 tasks of one serial key wait behind their head (and 20,000
+    of 1,000 keys), the queue has a max_running and a rate: the claim, the
+    release of each key's next task and the limits read bounded ranges."""
+    db = fresh_db(server)
+    plan_mode(db, mode)
+    db.query("INSERT INTO pgrunner.tasks (kind, serial_key) "
+             "SELECT 'noop', 'one' FROM generate_series(1, 100000)")
+    db.query("INSERT INTO pgrunner.tasks (kind, serial_key) "
+             "SELECT 'noop', 'k' || (g % 1000) FROM generate_series(1, 20000) g")
+    db.query("SELECT pgrunner.set_queue_limit('default', max_running => 2,"
+             " rate => '100000/1s')")
+    db.query("VACUUM ANALYZE pgrunner.tasks")
+    plans = exercise(server, db)
+    assert_plans(plans)
+    seen = statements_seen(plans)
+    for what, marker in (("claim_limits", CLAIM_LIMITS),
+                         ("the running count",
+                          "t.id = ANY (l.running_ids)"),
+                         ("the release of a key's next task",
+                          "ORDER BY x.priority, x.run_at, x.id LIMIT 1"),
+                         ("the head look-up of an insert",
+                          "t.id <> NEW.id")):
+        assert any(marker in q for q in seen), f"{what} never ran"
 
 
 @pytest.mark.parametrize("queued,mode", [(20000, "auto"), (300000, "auto"),

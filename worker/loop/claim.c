@@ -34,7 +34,14 @@
  *   - the UPDATE finds its rows by primary key (= ANY of an array), never
  *     by a join that the planner may turn into a scan of the whole table;
  *   - the wake-up time is, per queue, the first entry of tasks_delayed_idx
- *     after now() (a task due later than its insertion has one; see 0005).
+ *     after now() (a task due later than its insertion has one; see 0005),
+ *     or when a rate limit lets the next task start;
+ *   - tasks waiting behind another of their serial key (serial_held) are
+ *     not in tasks_claim_idx at all (0015);
+ *   - queues with a row in pgrunner.queue_limits (0015): claim_limits
+ *     locks those rows and cuts each queue's LIMIT to what max_running,
+ *     the rate and a pause allow; lu records what was taken in the same
+ *     rows. Without such a row it is one look-up in that small table.
  * UPDATE ... RETURNING has no order of its own, so the rows are sorted by
  * priority, run_at and id before they are handed out. Column 10 says which
  * scan found the row (2: after the cursor). The last row (id NULL) carries
@@ -45,20 +52,30 @@ const char pgr_claim_sql[] =
     "  SELECT * FROM unnest($2::text[], $3::int[], $5::int[],"
     "                       $6::timestamptz[], $7::bigint[])"
     "           AS q(name, lim, cp, cr, ci)"
+    "), lm AS MATERIALIZED ("
+    "  SELECT m.* FROM pgrunner.claim_limits($2::text[], $3::int[]) m"
+    "   WHERE EXISTS (SELECT 1 FROM pgrunner.queue_limits l"
+    "                  WHERE l.queue = ANY ($2::text[]))"
+    "), ql AS ("
+    "  SELECT q.name, least(q.lim, coalesce(lm.allow, q.lim)) AS lim,"
+    "         q.cp, q.cr, q.ci"
+    "    FROM q LEFT JOIN lm ON lm.queue = q.name"
     "), c AS ("
     "  SELECT x.id, x.scan, x.priority, x.run_at"
-    "    FROM q CROSS JOIN LATERAL ("
+    "    FROM ql AS q CROSS JOIN LATERAL ("
     "    SELECT * FROM ("
     "      SELECT * FROM (SELECT t.id, 1 AS scan, t.priority, t.run_at"
     "         FROM pgrunner.tasks t"
-    "        WHERE t.state = 'queued' AND t.queue = q.name"
+    "        WHERE t.state = 'queued' AND NOT t.serial_held"
+    "          AND t.queue = q.name"
     "          AND t.priority < q.cp AND t.run_at <= now()"
     "        ORDER BY t.priority, t.run_at, t.id"
     "        LIMIT q.lim FOR UPDATE SKIP LOCKED) b1"
     "      UNION ALL"
     "      SELECT * FROM (SELECT t.id, 2 AS scan, t.priority, t.run_at"
     "         FROM pgrunner.tasks t"
-    "        WHERE t.state = 'queued' AND t.queue = q.name"
+    "        WHERE t.state = 'queued' AND NOT t.serial_held"
+    "          AND t.queue = q.name"
     "          AND (t.priority, t.run_at, t.id) > (q.cp, q.cr, q.ci)"
     "          AND t.run_at <= now()"
     "        ORDER BY t.priority, t.run_at, t.id"
@@ -74,6 +91,18 @@ const char pgr_claim_sql[] =
     "  RETURNING t.id, t.queue, t.kind, t.payload::text, t.attempts,"
     "            t.max_attempts, t.timeout_seconds, t.priority,"
     "            t.run_at"
+    "), lu AS ("
+    "  UPDATE pgrunner.queue_limits l"
+    "     SET running_ids = CASE WHEN m.running IS NOT NULL"
+    "                            THEN m.running || s.ids END,"
+    "         rate_base = coalesce(m.rate_base, l.rate_base),"
+    "         rate_counts = CASE WHEN m.rate_slot IS NULL THEN l.rate_counts"
+    "                       ELSE m.rate_counts[:m.rate_slot - 1]"
+    "                            || (m.rate_counts[m.rate_slot] + s.n)"
+    "                            || m.rate_counts[m.rate_slot + 1:] END"
+    "    FROM lm m, (SELECT u.queue, array_agg(u.id) AS ids, count(*)::int AS n"
+    "                  FROM u GROUP BY u.queue) s"
+    "   WHERE l.queue = m.queue AND s.queue = m.queue"
     ") "
     "SELECT id, queue, kind, payload, attempts, max_attempts,"
     "       timeout_seconds, priority, NULL::float8, run_at::text, scan "
@@ -81,14 +110,15 @@ const char pgr_claim_sql[] =
     "         ORDER BY u.priority, u.run_at, u.id) s "
     "UNION ALL "
     "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-    "       ceil(extract(epoch FROM (SELECT min(n.run_at) FROM q"
+    "       ceil(extract(epoch FROM least((SELECT min(n.run_at) FROM q"
     "                                 CROSS JOIN LATERAL ("
     "                                  SELECT t.run_at FROM pgrunner.tasks t"
     "                                   WHERE t.state = 'queued'"
     "                                     AND t.run_at > t.created_at"
     "                                     AND t.queue = q.name"
     "                                     AND t.run_at > now()"
-    "                                   ORDER BY t.run_at LIMIT 1) n)"
+    "                                   ORDER BY t.run_at LIMIT 1) n),"
+    "                                (SELECT min(lm.wake_at) FROM lm))"
     "                              - now()) * 1000),"
     "       NULL, NULL";
 
