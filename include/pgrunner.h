@@ -47,9 +47,10 @@ struct pgr_task {
 
 /* What a handler returns. */
 enum pgr_outcome {
-  PGR_SUCCESS = 0,   /* commit the transaction; the task succeeded */
-  PGR_RETRY = 1,     /* roll back; try again after backoff (if attempts remain) */
-  PGR_PERMANENT = 2, /* roll back; fail the task now, whatever attempts remain */
+  PGR_SUCCESS = 0, /* commit the transaction; the task succeeded */
+  PGR_RETRY = 1,   /* roll back; try again after backoff (if attempts remain) */
+  PGR_PERMANENT =
+      2, /* roll back; fail the task now, whatever attempts remain */
 };
 
 enum pgr_level {

@@ -58,6 +58,8 @@ export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1"
 status=0
 echo "== release build: unit tests and lint"
 (cd build && ctest --output-on-failure -L unit) || status=1
+echo "== format: every C file as clang-format writes it (tests/lint/check_format.sh)"
+sh tests/lint/check_format.sh || status=1
 echo "== fuzz targets: a short smoke run (tests/fuzz/run.sh)"
 tests/fuzz/run.sh 7 || status=1
 echo "== ASan+UBSan build: unit and integration tests"

@@ -27,7 +27,7 @@ enum {
   PGR_EJSON = -4,  /* malformed JSON */
   PGR_EIO = -5,    /* file or socket I/O */
   PGR_ENOTFOUND = -6,
-  PGR_EINVAL = -8,  /* invalid argument */
+  PGR_EINVAL = -8, /* invalid argument */
 };
 
 noreturn void pgr_fatal(const char *file, int line, const char *fmt, ...)
@@ -89,12 +89,13 @@ void pgr_buf_addc(struct pgr_buf *b, char c);
 void pgr_buf_printf(struct pgr_buf *b, const char *fmt, ...) PGR_PRINTF(2, 3);
 /*
  * Sent on the connections that run only pgrunner's own statements (the
- * loop's two; `status`, `cancel` and `retry` use the LOCAL form below): each of those statements was written to read a
- * bounded index range, and this keeps stale statistics (a bulk insert
- * nobody analyzed) or a cached generic plan from swapping that for a read
- * of the whole table. tests/integration/test_plans.py checks the plans.
- * No JIT: a read left with no index keeps the priced-out cost, which the
- * server would otherwise pay an LLVM compilation for at every call.
+ * loop's two; `status`, `cancel` and `retry` use the LOCAL form below): each of
+ * those statements was written to read a bounded index range, and this keeps
+ * stale statistics (a bulk insert nobody analyzed) or a cached generic plan
+ * from swapping that for a read of the whole table.
+ * tests/integration/test_plans.py checks the plans. No JIT: a read left with no
+ * index keeps the priced-out cost, which the server would otherwise pay an LLVM
+ * compilation for at every call.
  */
 #define PGR_PLANNER_SETTINGS                                                   \
   "SET enable_seqscan = off; SET enable_bitmapscan = off; "                    \

@@ -718,7 +718,8 @@ static int http_allow_parse(const char *value, struct pgr_http_allow *out,
   int rc = 0;
 
   memset(out, 0, sizeof *out);
-  for (char *e = strtok_r(copy, ",", &save); e; e = strtok_r(NULL, ",", &save)) {
+  for (char *e = strtok_r(copy, ",", &save); e;
+       e = strtok_r(NULL, ",", &save)) {
     while (*e == ' ' || *e == '\t')
       e++;
     pgr_trim_end(e);
@@ -760,8 +761,7 @@ static const struct {
     {"work", PGR_CMD_WORK},     {"add", PGR_CMD_ADD},
     {"status", PGR_CMD_STATUS}, {"cancel", PGR_CMD_CANCEL},
     {"retry", PGR_CMD_RETRY},   {"migrate", PGR_CMD_MIGRATE},
-    {"web", PGR_CMD_WEB},
-    {"help", PGR_CMD_HELP},
+    {"web", PGR_CMD_WEB},       {"help", PGR_CMD_HELP},
 };
 
 /* The option table of a command: the globals plus its own. */

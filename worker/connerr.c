@@ -88,8 +88,7 @@ enum pgr_connerr pgr_connerr_classify(const char *msg, int needs_password,
                                              "42501"};
   /* libpq's own TLS messages (fe-secure-openssl.c, fe-connect.c). */
   static const char *const tls[] = {"certificate", "private key",
-                                    "does not support SSL",
-                                    "SSL was required"};
+                                    "does not support SSL", "SSL was required"};
   char state[6];
 
   if (msg == NULL || *msg == '\0')

@@ -11,8 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "conninfo.h"
 #include "connerr.h"
+#include "conninfo.h"
 #include "log.h"
 
 /* How often a connecting thread looks at its stop condition. */
@@ -85,8 +85,8 @@ int pgr_db_connect_until(const char *conninfo, const char *appname,
   if (st != PGRES_POLLING_OK) {
     char msg[1024];
     int k = pgr_connerr_classify(why ? why : PQerrorMessage(conn),
-                                 why ? 0 : PQconnectionNeedsPassword(conn),
-                                 msg, sizeof msg);
+                                 why ? 0 : PQconnectionNeedsPassword(conn), msg,
+                                 sizeof msg);
     if (kind)
       *kind = k;
     char *safe = pgr_redact(conninfo, msg);

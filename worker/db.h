@@ -48,8 +48,7 @@ PGresult *pgr_db_exec(PGconn *conn, const char *sql, int nparams,
                       char sqlstate[6]);
 
 /* Simple statements without results (BEGIN, COMMIT, SET ...). */
-int pgr_db_command(PGconn *conn, const char *sql, char *errbuf,
-                   size_t errlen);
+int pgr_db_command(PGconn *conn, const char *sql, char *errbuf, size_t errlen);
 
 /*
  * Format a failed result's error for a user: the primary message, then

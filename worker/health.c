@@ -127,8 +127,8 @@ int pgr_health_reason(char *buf, size_t len) {
   else if (h.nfailing > 0 && h.nfailing >= h.nthreads)
     snprintf(buf, len, "no worker thread can connect: %s", h.thread_why);
   else if (h.nfailing > 0)
-    snprintf(buf, len, "%d of %d worker threads cannot connect: %s",
-             h.nfailing, h.nthreads, h.thread_why);
+    snprintf(buf, len, "%d of %d worker threads cannot connect: %s", h.nfailing,
+             h.nthreads, h.thread_why);
   else if (h.claim_failing)
     snprintf(buf, len, "claims failing: %s", h.claim_why);
   else {

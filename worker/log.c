@@ -131,7 +131,7 @@ static int q_waiters;
 static int accepting; /* records go to the queue, else straight to stderr */
 static int stopping;
 static int gathering; /* the writer drains on its timer: nobody wakes it */
-static int running; /* from a successful start to the end of stop */
+static int running;   /* from a successful start to the end of stop */
 
 /*
  * Read by every logging thread. start writes them before the threads that

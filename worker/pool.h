@@ -24,11 +24,11 @@
 
 enum pgr_done {
   PGR_DONE_SUCCEEDED = 0,
-  PGR_DONE_RETRY,       /* failed; queued again at retry_at_ms */
-  PGR_DONE_FAILED,      /* failed for good */
-  PGR_DONE_CANCELLED,   /* cancelled while running */
-  PGR_DONE_REQUEUED,    /* interrupted at shutdown: queued, no attempt spent */
-  PGR_DONE_LOST,        /* the task was no longer ours (recovered elsewhere) */
+  PGR_DONE_RETRY,     /* failed; queued again at retry_at_ms */
+  PGR_DONE_FAILED,    /* failed for good */
+  PGR_DONE_CANCELLED, /* cancelled while running */
+  PGR_DONE_REQUEUED,  /* interrupted at shutdown: queued, no attempt spent */
+  PGR_DONE_LOST,      /* the task was no longer ours (recovered elsewhere) */
 };
 
 enum pgr_interrupt {
@@ -51,8 +51,8 @@ struct pgr_claim {
   char *queue;
   char *payload;
   int priority;
-  uint64_t claimed_us;  /* monotonic */
-  int interrupted;      /* loop side: an interrupt was already sent */
+  uint64_t claimed_us; /* monotonic */
+  int interrupted;     /* loop side: an interrupt was already sent */
 
   /* Filled in by the worker thread. */
   enum pgr_done done;

@@ -19,7 +19,7 @@
 #define FUZZ_CHECK(cond)                                                       \
   do {                                                                         \
     if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: invariant broken: %s\n", __FILE__, __LINE__,   \
+      fprintf(stderr, "%s:%d: invariant broken: %s\n", __FILE__, __LINE__,     \
               #cond);                                                          \
       abort();                                                                 \
     }                                                                          \

@@ -20,19 +20,32 @@
 #include "jobs/email_msg.h"
 
 static const char *const env_names[] = {
-    "DATABASE_URL",           "PGRUNNER_DB",
-    "PGRUNNER_QUEUES",        "PGRUNNER_CONCURRENCY",
-    "PGRUNNER_POLL_INTERVAL", "PGRUNNER_SHUTDOWN_TIMEOUT",
-    "PGRUNNER_METRICS_LISTEN", "PGRUNNER_JOBS_SCHEMA",
-    "PGRUNNER_RETENTION",     "PGRUNNER_TASK_TIMEOUT",
-    "PGRUNNER_LOG_DIR",       "PGRUNNER_LOG_LEVEL",
-    "PGRUNNER_LOG_FORMAT",    "PGRUNNER_PLUGIN",
-    "PGRUNNER_SMTP_HOST",     "PGRUNNER_SMTP_PORT",
-    "PGRUNNER_SMTP_USER",     "PGRUNNER_SMTP_PASSWORD",
-    "PGRUNNER_SMTP_STARTTLS", "PGRUNNER_MAIL_FROM",
-    "PGRUNNER_SMTP_HELO",     "PGRUNNER_MESSAGE_ID_DOMAIN",
-    "PGRUNNER_SMTP_TIMEOUT",  "PGRUNNER_SMTP_CA_FILE",
-    "PGRUNNER_LISTEN_DB",     "PGRUNNER_WEB_LISTEN",
+    "DATABASE_URL",
+    "PGRUNNER_DB",
+    "PGRUNNER_QUEUES",
+    "PGRUNNER_CONCURRENCY",
+    "PGRUNNER_POLL_INTERVAL",
+    "PGRUNNER_SHUTDOWN_TIMEOUT",
+    "PGRUNNER_METRICS_LISTEN",
+    "PGRUNNER_JOBS_SCHEMA",
+    "PGRUNNER_RETENTION",
+    "PGRUNNER_TASK_TIMEOUT",
+    "PGRUNNER_LOG_DIR",
+    "PGRUNNER_LOG_LEVEL",
+    "PGRUNNER_LOG_FORMAT",
+    "PGRUNNER_PLUGIN",
+    "PGRUNNER_SMTP_HOST",
+    "PGRUNNER_SMTP_PORT",
+    "PGRUNNER_SMTP_USER",
+    "PGRUNNER_SMTP_PASSWORD",
+    "PGRUNNER_SMTP_STARTTLS",
+    "PGRUNNER_MAIL_FROM",
+    "PGRUNNER_SMTP_HELO",
+    "PGRUNNER_MESSAGE_ID_DOMAIN",
+    "PGRUNNER_SMTP_TIMEOUT",
+    "PGRUNNER_SMTP_CA_FILE",
+    "PGRUNNER_LISTEN_DB",
+    "PGRUNNER_WEB_LISTEN",
 };
 
 /* The duration grammar, independently: returns 0 and the total, or -1. */
@@ -57,12 +70,28 @@ static int ref_duration(const char *s, int64_t *total) {
         return -1;
       mult = 1;
       break;
-    case 's': mult = 1; p++; break;
-    case 'm': mult = 60; p++; break;
-    case 'h': mult = 3600; p++; break;
-    case 'd': mult = 86400; p++; break;
-    case 'w': mult = 7 * 86400; p++; break;
-    default: return -1;
+    case 's':
+      mult = 1;
+      p++;
+      break;
+    case 'm':
+      mult = 60;
+      p++;
+      break;
+    case 'h':
+      mult = 3600;
+      p++;
+      break;
+    case 'd':
+      mult = 86400;
+      p++;
+      break;
+    case 'w':
+      mult = 7 * 86400;
+      p++;
+      break;
+    default:
+      return -1;
     }
     t += v * mult;
     if (t > INT64_MAX)
@@ -144,8 +173,8 @@ static void fuzz_queues(const char *s) {
       pgr_buf_printf(&again, ":%d", q[i].cap);
   }
   check_array(q, n);
-  FUZZ_CHECK(pgr_parse_queues(again.data, "--queues", &q2, &n2, err,
-                              sizeof err) == 0);
+  FUZZ_CHECK(
+      pgr_parse_queues(again.data, "--queues", &q2, &n2, err, sizeof err) == 0);
   FUZZ_CHECK(n2 == n);
   for (size_t i = 0; i < n; i++)
     FUZZ_CHECK(strcmp(q[i].name, q2[i].name) == 0 && q[i].cap == q2[i].cap);

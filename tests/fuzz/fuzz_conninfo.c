@@ -106,8 +106,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
       FUZZ_CHECK(strstr(err + strlen(PREFIX), pw) == NULL);
     FUZZ_CHECK(parsed.keywords == NULL && parsed.n == 0);
   } else {
-    FUZZ_CHECK(strcmp(pgr_conninfo_get(&parsed, "application_name"),
-                      "fuzz") == 0);
+    FUZZ_CHECK(strcmp(pgr_conninfo_get(&parsed, "application_name"), "fuzz") ==
+               0);
     for (size_t i = 0; i < parsed.n; i++)
       FUZZ_CHECK(parsed.keywords[i] != NULL);
     FUZZ_CHECK(parsed.keywords[parsed.n] == NULL);

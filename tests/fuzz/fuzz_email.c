@@ -160,8 +160,7 @@ static void check_header(const char *head, size_t hlen, const char *name,
 /* One body part from its Content-Transfer-Encoding header on: decodes it
  * and compares with the payload's text. `tail_ok`: the builder may have
  * added a final CRLF. */
-static void check_part(const char *p, size_t n, const char *text,
-                       int tail_ok) {
+static void check_part(const char *p, size_t n, const char *text, int tail_ok) {
   struct pgr_buf want = {NULL, 0, 0}, got = {NULL, 0, 0};
   /* At a line start: a Subject may hold the same words. */
   const char *cte = memmem(p, n, "\r\nContent-Transfer-Encoding: ", 29);

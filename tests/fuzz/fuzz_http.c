@@ -42,8 +42,8 @@ static void check(const char *payload, const struct pgr_http_allow *allow) {
   FUZZ_CHECK(memchr(authority, '@', alen) == NULL);
   FUZZ_CHECK(strpbrk(r.shown, "?#") == NULL);
   FUZZ_CHECK(r.nheaders >= 1);
-  FUZZ_CHECK(strcmp(r.headers[r.nheaders - 1], "Idempotency-Key: pgrunner-42") ==
-             0);
+  FUZZ_CHECK(
+      strcmp(r.headers[r.nheaders - 1], "Idempotency-Key: pgrunner-42") == 0);
   for (size_t i = 0; i < r.nheaders; i++) {
     const char *h = r.headers[i];
     const char *colon = strchr(h, ':');

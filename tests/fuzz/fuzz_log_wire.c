@@ -100,9 +100,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         calloc(json_array_size(f) + 1, sizeof *fields);
     struct pgr_logfmt_rec r = {0};
     r.ts_ms = json_integer_value(json_object_get(w, "ts"));
-    FUZZ_CHECK(pgr_log_level_parse(
-                   json_string_value(json_object_get(w, "level")), &r.level) ==
-               0);
+    FUZZ_CHECK(
+        pgr_log_level_parse(json_string_value(json_object_get(w, "level")),
+                            &r.level) == 0);
     r.proc = json_string_value(json_object_get(w, "proc"));
     r.pid = json_integer_value(json_object_get(w, "pid"));
     r.msg = json_string_value(json_object_get(w, "msg"));
@@ -127,8 +127,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     pgr_logfmt_wire(&wire, &r);
     FUZZ_CHECK(wire.len >= 1 && wire.data[wire.len - 1] == '\n');
     FUZZ_CHECK(memchr(wire.data, '\n', wire.len - 1) == NULL);
-    FUZZ_CHECK(pgr_logfmt_rewire(&again, PGR_LOG_TEXT, wire.data,
-                                 wire.len - 1) == 0);
+    FUZZ_CHECK(
+        pgr_logfmt_rewire(&again, PGR_LOG_TEXT, wire.data, wire.len - 1) == 0);
     FUZZ_CHECK(again.len == text.len - 7 &&
                memcmp(again.data, text.data + 7, again.len) == 0);
     pgr_buf_free(&wire);

@@ -17,13 +17,14 @@ static const struct pgr_http_allow any = {NULL, 0};
 Test(http_req, builds_a_post_with_the_idempotency_key_last) {
   struct pgr_http_req r;
   char err[256];
-  cr_assert(eq(int,
-               pgr_http_parse("{\"url\": \"https://u:pw@Example.org:8443/h?t=1\","
-                              " \"headers\": {\"X-A\": \"b\"},"
-                              " \"body\": {\"n\": 0.1}}",
-                              7, &any, &r, err, sizeof err),
-               0),
-            "%s", err);
+  cr_assert(
+      eq(int,
+         pgr_http_parse("{\"url\": \"https://u:pw@Example.org:8443/h?t=1\","
+                        " \"headers\": {\"X-A\": \"b\"},"
+                        " \"body\": {\"n\": 0.1}}",
+                        7, &any, &r, err, sizeof err),
+         0),
+      "%s", err);
   cr_expect(eq(str, r.method, "POST"), "POST is the default method");
   cr_expect(eq(str, r.shown, "https://Example.org:8443/h"),
             "the shown URL has no userinfo or query");
@@ -40,7 +41,8 @@ Test(http_req, refuses_what_it_must_with_a_reason) {
     const char *payload, *why;
   } bad[] = {
       {"{}", "\"url\" is missing"},
-      {"{\"url\": \"gopher://h/\"}", "\"url\" must use http or https, not gopher"},
+      {"{\"url\": \"gopher://h/\"}",
+       "\"url\" must use http or https, not gopher"},
       {"{\"url\": \"http://h/ x\"}",
        "\"url\" must not contain spaces or control characters"},
       {"{\"url\": \"http://h/\", \"method\": \"get\"}",
@@ -56,8 +58,8 @@ Test(http_req, refuses_what_it_must_with_a_reason) {
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     struct pgr_http_req r;
     char err[256] = "";
-    cr_expect(eq(int, pgr_http_parse(bad[i].payload, 1, &any, &r, err,
-                                     sizeof err),
+    cr_expect(eq(int,
+                 pgr_http_parse(bad[i].payload, 1, &any, &r, err, sizeof err),
                  PGR_EINVAL),
               "%s should be refused", bad[i].payload);
     cr_expect(eq(str, err, (char *)bad[i].why));
@@ -69,16 +71,19 @@ Test(http_req, the_allow_list_matches_hosts_exactly) {
   struct pgr_http_allow allow = {hosts, 2};
   struct pgr_http_req r;
   char err[256];
-  cr_expect(eq(int, pgr_http_parse("{\"url\": \"http://EXAMPLE.org/\"}", 1,
-                                   &allow, &r, err, sizeof err),
+  cr_expect(eq(int,
+               pgr_http_parse("{\"url\": \"http://EXAMPLE.org/\"}", 1, &allow,
+                              &r, err, sizeof err),
                0));
   pgr_http_req_free(&r);
-  cr_expect(eq(int, pgr_http_parse("{\"url\": \"http://[::1]:9/\"}", 1,
-                                   &allow, &r, err, sizeof err),
+  cr_expect(eq(int,
+               pgr_http_parse("{\"url\": \"http://[::1]:9/\"}", 1, &allow, &r,
+                              err, sizeof err),
                0));
   pgr_http_req_free(&r);
-  cr_expect(eq(int, pgr_http_parse("{\"url\": \"http://api.example.org/\"}",
-                                   1, &allow, &r, err, sizeof err),
+  cr_expect(eq(int,
+               pgr_http_parse("{\"url\": \"http://api.example.org/\"}", 1,
+                              &allow, &r, err, sizeof err),
                PGR_EINVAL),
             "no subdomains");
   cr_expect(eq(str, err, "host api.example.org is not in PGRUNNER_HTTP_ALLOW"));
@@ -101,9 +106,9 @@ Test(http_req, reads_retry_after_as_seconds_or_a_date) {
   cr_expect(eq(i64, pgr_http_retry_after(" 5 ", now), 5000));
   cr_expect(eq(i64, pgr_http_retry_after("Wed, 21 Oct 2015 07:29:00 GMT", now),
                60000));
-  cr_expect(eq(i64, pgr_http_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-               0),
-            "a date in the past means now");
+  cr_expect(
+      eq(i64, pgr_http_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now), 0),
+      "a date in the past means now");
   cr_expect(eq(i64, pgr_http_retry_after("soon", now), -1));
   cr_expect(eq(i64, pgr_http_retry_after("12s", now), -1));
 }
@@ -116,8 +121,9 @@ Test(http_req, finds_the_raw_text_of_a_top_level_value) {
   char *v = strndup(j + at, len);
   cr_expect(eq(str, v, "2e3"), "the last one wins");
   free(v);
-  cr_assert(eq(int, pgr_http_json_span("{\"body\": [1.50, {\"x\": \"]\"}]}",
-                                       "body", &at, &len),
+  cr_assert(eq(int,
+               pgr_http_json_span("{\"body\": [1.50, {\"x\": \"]\"}]}", "body",
+                                  &at, &len),
                0));
   cr_expect(eq(sz, len, 18));
   cr_expect(eq(int, pgr_http_json_span("{\"a\": 1}", "body", &at, &len), -1));

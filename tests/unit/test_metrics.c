@@ -25,8 +25,8 @@
 #include <criterion/criterion.h>
 #include <criterion/new/assert.h>
 
-#include "web/http.h"
 #include "metrics.h"
+#include "web/http.h"
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -688,8 +688,8 @@ Test(metrics, garbage_gets_an_error_and_the_server_carries_on) {
     if (cases[i].status == 0)
       cr_expect(got != 0 || r.status == 400, "case %zu: %d", i, r.status);
     else
-      cr_expect(got == 0 && r.status == cases[i].status, "case %zu: %d (%d)",
-                i, r.status, got);
+      cr_expect(got == 0 && r.status == cases[i].status, "case %zu: %d (%d)", i,
+                r.status, got);
     http_reply_free(&r);
   }
   /* An unfinished request line and a half-close: the server just closes. */

@@ -17,16 +17,16 @@
 #include "db.h"
 #include "log.h"
 
-static const char add_sql[] =
-    "SELECT pgrunner.add_task("
-    " kind => $1,"
-    " payload => $2::jsonb,"
-    " queue => coalesce($3, 'default'),"
-    " run_at => coalesce($4::timestamptz,"
-    "                    now() + coalesce($5::float8, 0) * interval '1 second'),"
-    " priority => coalesce($6::int, 0),"
-    " max_attempts => $7::int,"
-    " key => $8)";
+static const char add_sql[] = "SELECT pgrunner.add_task("
+                              " kind => $1,"
+                              " payload => $2::jsonb,"
+                              " queue => coalesce($3, 'default'),"
+                              " run_at => coalesce($4::timestamptz,"
+                              "                    now() + "
+                              "coalesce($5::float8, 0) * interval '1 second'),"
+                              " priority => coalesce($6::int, 0),"
+                              " max_attempts => $7::int,"
+                              " key => $8)";
 
 int pgr_cmd_add(const struct pgr_config *cfg) {
   PGconn *conn = NULL;
@@ -49,8 +49,8 @@ int pgr_cmd_add(const struct pgr_config *cfg) {
   params[6] = cfg->add_max_attempts > 0 ? maxa : NULL;
   params[7] = cfg->add_key;
 
-  if ((rc = pgr_db_connect(cfg->db, "pgrunner add", &conn, err,
-                           sizeof err)) != 0)
+  if ((rc = pgr_db_connect(cfg->db, "pgrunner add", &conn, err, sizeof err)) !=
+      0)
     goto out;
   res = pgr_db_exec(conn, add_sql, 8, params, err, sizeof err, sqlstate);
   if (res == NULL) {

@@ -42,33 +42,142 @@ static const char counts_sql[] =
     "), done AS ("
     "  SELECT t.queue, t.state FROM pgrunner.tasks t"
     "   WHERE t.state = 'succeeded' ORDER BY t.finished_at DESC"
-    "   LIMIT " STR(STATUS_LIMIT) ""
-    "), ended AS ("
-    "  SELECT t.queue, t.state FROM pgrunner.tasks t"
-    "   WHERE t.state IN ('failed', 'cancelled') ORDER BY t.finished_at DESC"
-    "   LIMIT " STR(STATUS_LIMIT) ""
-    ") "
-    "SELECT queue, state, n, capped FROM ("
-    "  SELECT qn.queue, 'queued' AS state, least(c.n, " STR(STATUS_LIMIT) ") AS n,"
-    "         c.n > " STR(STATUS_LIMIT) " AS capped"
-    "    FROM qn CROSS JOIN LATERAL ("
-    "      SELECT count(*) AS n FROM (SELECT 1 FROM pgrunner.tasks t"
-    "        WHERE t.state = 'queued' AND NOT t.serial_held"
-    "              AND t.queue = qn.queue"
-    "        LIMIT " STR(STATUS_LIMIT) " + 1) x) c"
-    "   WHERE qn.queue IS NOT NULL"
-    "  UNION ALL"
-    "  SELECT t.queue, 'running', count(*), false FROM pgrunner.tasks t"
-    "   WHERE t.state = 'running' GROUP BY t.queue"
-    "  UNION ALL"
-    "  SELECT d.queue, d.state, count(*),"
-    "         (SELECT count(*) FROM done) >= " STR(STATUS_LIMIT) ""
-    "    FROM done d GROUP BY d.queue, d.state"
-    "  UNION ALL"
-    "  SELECT e.queue, e.state, count(*),"
-    "         (SELECT count(*) FROM ended) >= " STR(STATUS_LIMIT) ""
-    "    FROM ended e GROUP BY e.queue, e.state"
-    ") s ORDER BY queue, state";
+    "   LIMIT " STR(
+        STATUS_LIMIT) ""
+                      "), ended AS ("
+                      "  SELECT t.queue, t.state FROM pgrunner.tasks t"
+                      "   WHERE t.state IN ('failed', 'cancelled') ORDER BY "
+                      "t.finished_at DESC"
+                      "   LIMIT " STR(
+                          STATUS_LIMIT) ""
+                                        ") "
+                                        "SELECT queue, state, n, capped FROM ("
+                                        "  SELECT qn.queue, 'queued' AS state, "
+                                        "least(c.n, " STR(
+                                            STATUS_LIMIT) ") AS n,"
+                                                          "         c.n > " STR(
+                                                              STATUS_LIMIT) " A"
+                                                                            "S "
+                                                                            "ca"
+                                                                            "pp"
+                                                                            "ed"
+                                                                            "  "
+                                                                            "  "
+                                                                            "FR"
+                                                                            "OM"
+                                                                            " q"
+                                                                            "n "
+                                                                            "CR"
+                                                                            "OS"
+                                                                            "S "
+                                                                            "JO"
+                                                                            "IN"
+                                                                            " L"
+                                                                            "AT"
+                                                                            "ER"
+                                                                            "AL"
+                                                                            " ("
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "SE"
+                                                                            "LE"
+                                                                            "CT"
+                                                                            " c"
+                                                                            "ou"
+                                                                            "nt"
+                                                                            "(*"
+                                                                            ") "
+                                                                            "AS"
+                                                                            " n"
+                                                                            " F"
+                                                                            "RO"
+                                                                            "M "
+                                                                            "(S"
+                                                                            "EL"
+                                                                            "EC"
+                                                                            "T "
+                                                                            "1 "
+                                                                            "FR"
+                                                                            "OM"
+                                                                            " p"
+                                                                            "gr"
+                                                                            "un"
+                                                                            "ne"
+                                                                            "r."
+                                                                            "ta"
+                                                                            "sk"
+                                                                            "s "
+                                                                            "t"
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "WH"
+                                                                            "ER"
+                                                                            "E "
+                                                                            "t."
+                                                                            "st"
+                                                                            "at"
+                                                                            "e "
+                                                                            "= "
+                                                                            "'q"
+                                                                            "ue"
+                                                                            "ue"
+                                                                            "d'"
+                                                                            " A"
+                                                                            "ND"
+                                                                            " N"
+                                                                            "OT"
+                                                                            " t"
+                                                                            ".s"
+                                                                            "er"
+                                                                            "ia"
+                                                                            "l_"
+                                                                            "he"
+                                                                            "ld"
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "AN"
+                                                                            "D "
+                                                                            "t."
+                                                                            "qu"
+                                                                            "eu"
+                                                                            "e "
+                                                                            "= "
+                                                                            "qn"
+                                                                            ".q"
+                                                                            "ue"
+                                                                            "ue"
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "  "
+                                                                            "LI"
+                                                                            "MI"
+                                                                            "T"
+                                                                            " " STR(
+                                                                                STATUS_LIMIT) " + 1) x) c"
+                                                                                              "   WHERE qn.queue IS NOT NULL"
+                                                                                              "  UNION ALL"
+                                                                                              "  SELECT t.queue, 'running', count(*), false FROM pgrunner.tasks t"
+                                                                                              "   WHERE t.state = 'running' GROUP BY t.queue"
+                                                                                              "  UNION ALL"
+                                                                                              "  SELECT d.queue, d.state, count(*),"
+                                                                                              "         (SELECT count(*) FROM done) >= " STR(
+                                                                                                  STATUS_LIMIT) ""
+                                                                                                                "    FROM done d GROUP BY d.queue, d.state"
+                                                                                                                "  UNION ALL"
+                                                                                                                "  SELECT e.queue, e.state, count(*),"
+                                                                                                                "         (SELECT count(*) FROM ended) >= " STR(
+                                                                                                                    STATUS_LIMIT) ""
+                                                                                                                                  "    FROM ended e GROUP BY e.queue, e.state"
+                                                                                                                                  ") s ORDER BY queue, state";
 static const char workers_sql[] =
     "SELECT id, name, coalesce(host, ''), coalesce(pid, 0),"
     " array_to_string(queues, ','), coalesce(concurrency, 0),"
@@ -77,7 +186,8 @@ static const char workers_sql[] =
     "FROM pgrunner.workers ORDER BY started_at";
 static const char failures_sql[] =
     "SELECT id, kind, queue, attempts,"
-    " to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
+    " to_char(finished_at AT TIME ZONE 'UTC', "
+    "'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),"
     " coalesce(last_error, '') "
     "FROM pgrunner.tasks WHERE state = 'failed' "
     "ORDER BY finished_at DESC LIMIT 10"; /* tasks_ended_idx, backwards */
@@ -104,13 +214,12 @@ static void print_text(PGresult *counts, PGresult *workers,
       int s = state_index(PQgetvalue(counts, i, 1));
       int capped = PQgetvalue(counts, i, 3)[0] == 't';
       if (s >= 0)
-        snprintf(c[s], sizeof c[s], "%lld%s",
-                 atoll(PQgetvalue(counts, i, 2)), capped ? "+" : "");
+        snprintf(c[s], sizeof c[s], "%lld%s", atoll(PQgetvalue(counts, i, 2)),
+                 capped ? "+" : "");
       any_capped |= capped;
       i++;
     }
-    printf("%-20s %10s %10s %10s %10s %10s\n", q, c[0], c[1], c[2], c[3],
-           c[4]);
+    printf("%-20s %10s %10s %10s %10s %10s\n", q, c[0], c[1], c[2], c[3], c[4]);
   }
   if (n == 0)
     printf("(no tasks)\n");
@@ -173,24 +282,24 @@ static void print_json(PGresult *counts, PGresult *workers,
      database's own text form. */
   for (int i = 0; i < PQntuples(workers); i++)
     json_array_append_new(
-        ws, json_pack("{s:s,s:s,s:s,s:i,s:s,s:i,s:s,s:f}", "id",
-                      PQgetvalue(workers, i, 0), "name",
-                      PQgetvalue(workers, i, 1), "host",
-                      PQgetvalue(workers, i, 2), "pid",
-                      atoi(PQgetvalue(workers, i, 3)), "queues",
-                      PQgetvalue(workers, i, 4), "concurrency",
-                      atoi(PQgetvalue(workers, i, 5)), "started_at",
-                      PQgetvalue(workers, i, 6), "heartbeat_age_s",
-                      atof(PQgetvalue(workers, i, 7))));
+        ws,
+        json_pack("{s:s,s:s,s:s,s:i,s:s,s:i,s:s,s:f}", "id",
+                  PQgetvalue(workers, i, 0), "name", PQgetvalue(workers, i, 1),
+                  "host", PQgetvalue(workers, i, 2), "pid",
+                  atoi(PQgetvalue(workers, i, 3)), "queues",
+                  PQgetvalue(workers, i, 4), "concurrency",
+                  atoi(PQgetvalue(workers, i, 5)), "started_at",
+                  PQgetvalue(workers, i, 6), "heartbeat_age_s",
+                  atof(PQgetvalue(workers, i, 7))));
   for (int i = 0; i < PQntuples(failures); i++)
-    json_array_append_new(
-        fs, json_pack("{s:s,s:s,s:s,s:i,s:s,s:s}", "id",
-                      PQgetvalue(failures, i, 0), "kind",
-                      PQgetvalue(failures, i, 1), "queue",
-                      PQgetvalue(failures, i, 2), "attempts",
-                      atoi(PQgetvalue(failures, i, 3)), "finished_at",
-                      PQgetvalue(failures, i, 4), "last_error",
-                      PQgetvalue(failures, i, 5)));
+    json_array_append_new(fs,
+                          json_pack("{s:s,s:s,s:s,s:i,s:s,s:s}", "id",
+                                    PQgetvalue(failures, i, 0), "kind",
+                                    PQgetvalue(failures, i, 1), "queue",
+                                    PQgetvalue(failures, i, 2), "attempts",
+                                    atoi(PQgetvalue(failures, i, 3)),
+                                    "finished_at", PQgetvalue(failures, i, 4),
+                                    "last_error", PQgetvalue(failures, i, 5)));
   json_object_set_new(root, "queues", queues);
   json_object_set_new(root, "totals", totals);
   /* false: some counts are lower bounds (see counts_sql) */
@@ -215,8 +324,10 @@ int pgr_cmd_status(const struct pgr_config *cfg) {
                            sizeof err)) != 0)
     goto out;
   /* One snapshot for the three queries. */
-  if ((rc = pgr_db_command(conn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ "
-                           "ONLY", err, sizeof err)) != 0)
+  if ((rc = pgr_db_command(conn,
+                           "BEGIN ISOLATION LEVEL REPEATABLE READ READ "
+                           "ONLY",
+                           err, sizeof err)) != 0)
     goto out;
   if ((rc = pgr_db_command(conn, PGR_PLANNER_SETTINGS_LOCAL, err,
                            sizeof err)) != 0)

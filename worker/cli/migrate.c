@@ -44,8 +44,8 @@ static int is_applied(PGconn *conn, int version, int *applied, char *errbuf,
   snprintf(vbuf, sizeof vbuf, "%d", version);
   PGresult *res = pgr_db_exec(
       conn,
-      "SELECT EXISTS (SELECT 1 FROM pgrunner.migrations WHERE version = $1)",
-      1, params, errbuf, errlen, NULL);
+      "SELECT EXISTS (SELECT 1 FROM pgrunner.migrations WHERE version = $1)", 1,
+      params, errbuf, errlen, NULL);
   if (res == NULL)
     return PGR_EDB;
   *applied = PQgetvalue(res, 0, 0)[0] == 't';
@@ -71,13 +71,12 @@ int pgr_migrate_conn(struct pg_conn *conn, int *applied, char *errbuf,
     in_txn = 1;
     if ((rc = pgr_db_command(conn, MIGRATE_LOCK, errbuf, errlen)) != 0)
       goto out;
-    if ((rc = pgr_db_command(
-             conn,
-             "CREATE SCHEMA IF NOT EXISTS pgrunner;"
-             "CREATE TABLE IF NOT EXISTS pgrunner.migrations ("
-             " version int PRIMARY KEY, name text NOT NULL,"
-             " applied_at timestamptz NOT NULL DEFAULT now())",
-             errbuf, errlen)) != 0)
+    if ((rc = pgr_db_command(conn,
+                             "CREATE SCHEMA IF NOT EXISTS pgrunner;"
+                             "CREATE TABLE IF NOT EXISTS pgrunner.migrations ("
+                             " version int PRIMARY KEY, name text NOT NULL,"
+                             " applied_at timestamptz NOT NULL DEFAULT now())",
+                             errbuf, errlen)) != 0)
       goto out;
     if ((rc = is_applied(conn, m->version, &done, errbuf, errlen)) != 0)
       goto out;
@@ -179,8 +178,7 @@ int pgr_cmd_migrate(const struct pgr_config *cfg) {
   if ((rc = setup_roles(conn, err, sizeof err)) != 0)
     goto out;
   pgr_info(applied ? "schema migrated" : "schema up to date",
-           PGR_LI("version", pgr_migrate_latest()),
-           PGR_LI("applied", applied));
+           PGR_LI("version", pgr_migrate_latest()), PGR_LI("applied", applied));
 out:
   if (rc != 0)
     pgr_error("migrate failed", PGR_LS("error", err));

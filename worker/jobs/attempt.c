@@ -114,7 +114,8 @@ char *pgr_no_handler_msg(const char *kind) {
   return b.data;
 }
 
-void pgr_attempt_set_msg(struct pgr_attempt *a, enum pgr_attempt_result r, const char *msg) {
+void pgr_attempt_set_msg(struct pgr_attempt *a, enum pgr_attempt_result r,
+                         const char *msg) {
   a->r = r;
   free(a->msg);
   a->msg = printable(msg);
@@ -159,7 +160,7 @@ static int unsolicited_cancel(const struct pgr_attempt *a,
    PGR_A_RETRY (still running as ours: nothing committed), PGR_A_LOST (someone
    else's now, or stopping). */
 static enum pgr_attempt_result check_row(struct pgr_slot *s,
-                                     const struct pgr_claim *c) {
+                                         const struct pgr_claim *c) {
   char id[32], err[1024];
   const char *params[1] = {id};
   int refused = 0;
@@ -204,7 +205,8 @@ static enum pgr_attempt_result check_row(struct pgr_slot *s,
 
 /* After a dropped connection: did our attempt commit? The session that
    ran it is never reused (see the top of the file). */
-static enum pgr_attempt_result find_out(struct pgr_slot *s, struct pgr_claim *c) {
+static enum pgr_attempt_result find_out(struct pgr_slot *s,
+                                        struct pgr_claim *c) {
   if (pgr_slot_connect(s) != 0)
     return PGR_A_LOST; /* stopping: recovery will see to the task */
   return check_row(s, c);
@@ -218,8 +220,8 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
                    const char *error, const char *output, int64_t retry_ms) {
   struct pgr_attempt_ids t;
   char delay[32];
-  const char *params[7] = {t.id,  t.att,  t.wid, outcome,
-                           error, output, retry_ms >= 0 ? delay : NULL};
+  const char *params[7] = {
+      t.id, t.att, t.wid, outcome, error, output, retry_ms >= 0 ? delay : NULL};
 
   pgr_attempt_ids(&t, c);
   snprintf(delay, sizeof delay, "%lld", (long long)retry_ms);
@@ -240,7 +242,8 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
         /* Not running as ours: someone else's now, or our attempt did
            commit after all (a COMMIT whose session was dropped can still
            complete while we reconnect). */
-        c->done = check_row(s, c) == PGR_A_OK ? PGR_DONE_SUCCEEDED : PGR_DONE_LOST;
+        c->done =
+            check_row(s, c) == PGR_A_OK ? PGR_DONE_SUCCEEDED : PGR_DONE_LOST;
       } else {
         const char *st = PQgetvalue(res, 0, 0);
         c->retry_at_ms = atoll(PQgetvalue(res, 0, 1));
@@ -262,7 +265,8 @@ static void finish(struct pgr_slot *s, struct pgr_claim *c, const char *outcome,
     PQclear(res);
     if (lost) {
       pgr_warn("database connection lost while recording a failed attempt; "
-               "reconnecting", PGR_LI("task", c->id), PGR_LS("error", err));
+               "reconnecting",
+               PGR_LI("task", c->id), PGR_LS("error", err));
       if (pgr_slot_connect(s) != 0) {
         c->done = PGR_DONE_LOST;
         return;
@@ -407,8 +411,8 @@ void pgr_attempt_run(struct pgr_slot *s, struct pgr_claim *c) {
       msg = tmsg;
       finish(s, c, "retry", msg, NULL, -1);
     } else {
-      finish(s, c, a.r == PGR_A_PERMANENT ? "permanent" : "retry", msg, a.output,
-             a.retry_ms);
+      finish(s, c, a.r == PGR_A_PERMANENT ? "permanent" : "retry", msg,
+             a.output, a.retry_ms);
     }
     break;
   case PGR_A_CONNLOST:

@@ -26,9 +26,9 @@ enum pgr_attempt_result {
 
 struct pgr_attempt {
   enum pgr_attempt_result r;
-  char *msg; /* whole, printable, valid UTF-8; owned; never NULL */
-  char state[6]; /* SQLSTATE of the statement that failed, or "" */
-  char *output;  /* a C handler's output (JSON text), owned, or NULL */
+  char *msg;        /* whole, printable, valid UTF-8; owned; never NULL */
+  char state[6];    /* SQLSTATE of the statement that failed, or "" */
+  char *output;     /* a C handler's output (JSON text), owned, or NULL */
   int64_t retry_ms; /* a C handler's retry delay, or -1: the policy's */
   /* The failed statement's error was raised by complete_attempt itself,
      not by the job's function called in the same statement. */

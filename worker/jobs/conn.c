@@ -52,8 +52,8 @@ int pgr_slot_connect(struct pgr_slot *s) {
   for (;;) {
     if (pgr_pool_stopping(p))
       return PGR_ECONN;
-    if (pgr_db_connect_until(p->cfg->db, p->appname, stop_connecting, p,
-                             &conn, err, sizeof err, NULL) == 0)
+    if (pgr_db_connect_until(p->cfg->db, p->appname, stop_connecting, p, &conn,
+                             err, sizeof err, NULL) == 0)
       break;
     if (pgr_pool_stopping(p))
       return PGR_ECONN;

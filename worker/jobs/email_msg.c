@@ -702,7 +702,8 @@ static int one_mbox(const json_t *v, const char *what, struct mbox *out,
     out->addr = pgr_strdup(s);
     return 0;
   }
-  return bad(errbuf, errlen, "%s must be a string, not %s", what, pgr_json_kind(v));
+  return bad(errbuf, errlen, "%s must be a string, not %s", what,
+             pgr_json_kind(v));
 }
 
 /* get_list reads key as a mailbox or an array of them; absent or null: an

@@ -64,14 +64,13 @@ static int job_interrupted(struct pgr_job *job) {
 }
 
 void pgr_handler_run(struct pgr_slot *s, struct pgr_claim *c,
-                          const struct pgr_handler *h, struct pgr_attempt *a) {
-  struct pgr_task task = {c->id,         c->kind,    c->queue,
-                          c->payload,    c->attempt, c->max_attempts,
-                          c->timeout_s};
+                     const struct pgr_handler *h, struct pgr_attempt *a) {
+  struct pgr_task task = {c->id,      c->kind,         c->queue,    c->payload,
+                          c->attempt, c->max_attempts, c->timeout_s};
   struct job_priv jp = {c, s, NULL, NULL, -1};
-  struct pgr_job job = {&task,           s->conn,         job_log,
-                        job_fail,        &jp,             job_set_output,
-                        job_retry_after, job_interrupted};
+  struct pgr_job job = {
+      &task, s->conn,        job_log,         job_fail,
+      &jp,   job_set_output, job_retry_after, job_interrupted};
 
   pgr_pipeline_run(s, c, NULL, PGR_PIPE_OPEN, a);
   if (a->r != PGR_A_OK)
@@ -105,10 +104,11 @@ void pgr_handler_run(struct pgr_slot *s, struct pgr_claim *c,
   }
   if (o == PGR_SUCCESS) {
     /* The handler left the transaction (committed, aborted or failed). */
-    pgr_attempt_set_msg(a, PGR_A_RETRY, "handler left its transaction in an unusable state");
+    pgr_attempt_set_msg(a, PGR_A_RETRY,
+                        "handler left its transaction in an unusable state");
   } else {
     pgr_attempt_set_msg(a, o == PGR_PERMANENT ? PGR_A_PERMANENT : PGR_A_RETRY,
-            jp.error ? jp.error : "handler failed");
+                        jp.error ? jp.error : "handler failed");
   }
   if (pgr_slot_command(s->conn, "ROLLBACK") != 0)
     a->r = PGR_A_CONNLOST;

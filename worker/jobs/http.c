@@ -33,7 +33,9 @@ int pgr_http_global_init(void) {
   return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK ? 0 : PGR_EIO;
 }
 
-void pgr_http_global_cleanup(void) { curl_global_cleanup(); }
+void pgr_http_global_cleanup(void) {
+  curl_global_cleanup();
+}
 
 /* The answer's body: the first PGR_HTTP_BODY_KEEP bytes, and how many came. */
 struct answer {
@@ -165,9 +167,10 @@ enum pgr_outcome pgr_http_handler(struct pgr_job *job, void *arg) {
   char reason[512], cerr[CURL_ERROR_SIZE];
   enum pgr_outcome outcome = PGR_RETRY;
   CURL *h = NULL;
-  long timeout_ms = (job->task->timeout_seconds > 0
-                         ? (long)job->task->timeout_seconds
-                         : 300L) * 1000L;
+  long timeout_ms =
+      (job->task->timeout_seconds > 0 ? (long)job->task->timeout_seconds
+                                      : 300L) *
+      1000L;
 
   pgr_buf_init(&a.kept);
   a.total = 0;

@@ -227,8 +227,8 @@ out:
   return rc;
 }
 
-static int parse_headers(const json_t *h, struct pgr_http_req *r,
-                         int *has_type, char *errbuf, size_t errlen) {
+static int parse_headers(const json_t *h, struct pgr_http_req *r, int *has_type,
+                         char *errbuf, size_t errlen) {
   const char *name;
   json_t *v;
   char what[48];
@@ -279,8 +279,8 @@ static int parse_headers(const json_t *h, struct pgr_http_req *r,
 }
 
 int pgr_http_parse(const char *payload, int64_t task_id,
-                   const struct pgr_http_allow *allow,
-                   struct pgr_http_req *out, char *errbuf, size_t errlen) {
+                   const struct pgr_http_allow *allow, struct pgr_http_req *out,
+                   char *errbuf, size_t errlen) {
   json_error_t jerr;
   json_t *root = NULL, *v;
   const char *key;
@@ -298,7 +298,8 @@ int pgr_http_parse(const char *payload, int64_t task_id,
     goto out;
   }
   if (!json_is_object(root)) {
-    fail(errbuf, errlen, "payload must be an object, not %s", pgr_json_kind(root));
+    fail(errbuf, errlen, "payload must be an object, not %s",
+         pgr_json_kind(root));
     goto out;
   }
   json_object_foreach(root, key, v) {
@@ -379,8 +380,8 @@ int pgr_http_parse(const char *payload, int64_t task_id,
     if (!has_type)
       add_header(&r, pgr_asprintf("Content-Type: %s", type));
   }
-  add_header(&r, pgr_asprintf("Idempotency-Key: pgrunner-%lld",
-                              (long long)task_id));
+  add_header(
+      &r, pgr_asprintf("Idempotency-Key: pgrunner-%lld", (long long)task_id));
   *out = r;
   memset(&r, 0, sizeof r);
   rc = 0;

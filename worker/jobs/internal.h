@@ -26,7 +26,7 @@ struct pgr_slot {
   int backend_pid;
   int64_t current;
   int current_attempt; /* the attempt of current: an interrupt names one */
-  uint64_t since_ms; /* when current started */
+  uint64_t since_ms;   /* when current started */
   enum pgr_interrupt interrupt;
 };
 

@@ -113,7 +113,9 @@ static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
    did with it is unknown, and the session, still in pipeline mode with
    results pending, can run nothing more (not even ROLLBACK). The attempt
    is found out on a fresh session. */
-static void pipeline_broken(struct pgr_attempt *a) { a->r = PGR_A_CONNLOST; }
+static void pipeline_broken(struct pgr_attempt *a) {
+  a->r = PGR_A_CONNLOST;
+}
 
 /*
  * Send `parts` of the attempt's transaction as one pipeline and read it
@@ -123,7 +125,7 @@ static void pipeline_broken(struct pgr_attempt *a) { a->r = PGR_A_CONNLOST; }
  * stores a->output.
  */
 void pgr_pipeline_run(struct pgr_slot *s, struct pgr_claim *c,
-                         const char *call_sql, int parts, struct pgr_attempt *a) {
+                      const char *call_sql, int parts, struct pgr_attempt *a) {
   PGconn *conn = s->conn;
   struct pgr_attempt_ids t;
   char tmo[32], state[6];
@@ -226,7 +228,7 @@ broken:
    by complete_noop itself. One statement instead of two is a fifth of a
    busy worker's cost per no-op task. */
 void pgr_pipeline_noop(struct pgr_slot *s, struct pgr_claim *c,
-                     struct pgr_attempt *a) {
+                       struct pgr_attempt *a) {
   struct pgr_attempt_ids t;
   const char *params[3] = {t.id, t.att, t.wid};
 

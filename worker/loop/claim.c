@@ -252,8 +252,8 @@ void pgr_claims_request(struct pgr_loop *l) {
       !l->gathered) {
     l->more = 1;
     if (!uv_is_active((uv_handle_t *)&l->gather_timer))
-      PGR_ASSERT(uv_timer_start(&l->gather_timer, on_gather_timer, GATHER_MS,
-                                0) == 0);
+      PGR_ASSERT(
+          uv_timer_start(&l->gather_timer, on_gather_timer, GATHER_MS, 0) == 0);
     return;
   }
   l->gathered = 0;
@@ -300,8 +300,8 @@ void pgr_claims_request(struct pgr_loop *l) {
     pgr_buf_addc(&prios, '}');
     pgr_buf_addc(&ats, '}');
     pgr_buf_addc(&ids, '}');
-    const char *params[7] = {wid,   names.data, limits.data, total,
-                             prios.data, ats.data, ids.data};
+    const char *params[7] = {wid,        names.data, limits.data, total,
+                             prios.data, ats.data,   ids.data};
     snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
     snprintf(total, sizeof total, "%d", free_slots);
     l->more = 0;

@@ -29,11 +29,11 @@ struct pgr_cursor {
 
 /* session.c's check of --listen-db, in order. */
 enum pgr_probe {
-  PGR_PROBE_NONE = 0, /* not started (or restarting after a reconnect) */
-  PGR_PROBE_STARTING, /* LISTEN and the pid asked on pg */
+  PGR_PROBE_NONE = 0,  /* not started (or restarting after a reconnect) */
+  PGR_PROBE_STARTING,  /* LISTEN and the pid asked on pg */
   PGR_PROBE_LISTENING, /* waiting for maint to send the notification */
   PGR_PROBE_NOTIFYING, /* the notification sent from maint */
-  PGR_PROBE_CHECKING, /* the pid asked again on pg */
+  PGR_PROBE_CHECKING,  /* the pid asked again on pg */
   PGR_PROBE_PASSED,
   PGR_PROBE_FAILED,
 };
@@ -73,25 +73,25 @@ struct pgr_loop {
   struct pgr_cursor *cursors; /* per cfg->queues index */
   uint64_t swept_ms;          /* last claim from the front of every queue */
 
-  enum pgr_probe probe; /* is --listen-db a session? (session.c) */
-  int probe_pid;         /* pg's backend at the probe's LISTEN */
-  int probe_seen;        /* the probe's notification reached pg */
-  unsigned probe_round;  /* probes started (one per pg session) */
+  enum pgr_probe probe;        /* is --listen-db a session? (session.c) */
+  int probe_pid;               /* pg's backend at the probe's LISTEN */
+  int probe_seen;              /* the probe's notification reached pg */
+  unsigned probe_round;        /* probes started (one per pg session) */
   unsigned probe_notify_round; /* the round of the notify in flight, or 0 */
   char probe_channel[64];
-  int started;       /* the schema check passed once: start-up is over */
-  int schema_checking; /* the schema check is in flight */
-  int schema_behind;   /* the last check found it missing or behind */
-  int schema_logged;   /* ... and said so at error level */
-  int session_ready; /* LISTEN and the claim are set up on pg */
-  int registered;  /* heartbeat succeeded on the current connection */
+  int started;            /* the schema check passed once: start-up is over */
+  int schema_checking;    /* the schema check is in flight */
+  int schema_behind;      /* the last check found it missing or behind */
+  int schema_logged;      /* ... and said so at error level */
+  int session_ready;      /* LISTEN and the claim are set up on pg */
+  int registered;         /* heartbeat succeeded on the current connection */
   uint64_t registered_ms; /* uv_now() when it did */
-  int releasing;   /* release_unknown in flight */
-  unsigned ticks;  /* heartbeat timer ticks */
-  int claiming;    /* a claim query is in flight */
-  int claim_asked; /* how many it asked for */
-  int gathered;    /* the gather timer ran out: claim for what is idle */
-  int more;        /* work may be waiting: claim when a slot frees */
+  int releasing;          /* release_unknown in flight */
+  unsigned ticks;         /* heartbeat timer ticks */
+  int claiming;           /* a claim query is in flight */
+  int claim_asked;        /* how many it asked for */
+  int gathered;           /* the gather timer ran out: claim for what is idle */
+  int more;               /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int sweep_busy;
   int prune_busy;
@@ -137,7 +137,7 @@ void pgr_registry_inflight_ids(struct pgr_loop *l, struct pgr_buf *b);
 /* session.c: the check that --listen-db is a session, started once the
    schema is known to be there; on success it sets up both connections. */
 void pgr_session_probe_start(struct pgr_loop *l);
-void pgr_session_probe_notify(struct pgr_loop *l); /* when maint is up */
+void pgr_session_probe_notify(struct pgr_loop *l);  /* when maint is up */
 void pgr_session_probe_on_down(struct pgr_loop *l); /* pg dropped */
 /* 1 if the notification was the probe's (then it is nobody else's). */
 int pgr_session_probe_on_notify(struct pgr_loop *l, const char *channel);

@@ -127,11 +127,11 @@ static void on_stats(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   if (res != NULL && PQresultStatus(res) == PGRES_TUPLES_OK)
     memcpy(l->queue_reported, s->sent, l->cfg->nqueues * sizeof *s->sent);
   else if (res != NULL)
-    pgr_warn("recording task counts failed",
-             PGR_LS("error", PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
-                                 ? PQresultErrorField(
-                                       res, PG_DIAG_MESSAGE_PRIMARY)
-                                 : "unknown error"));
+    pgr_warn(
+        "recording task counts failed",
+        PGR_LS("error", PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+                            ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY)
+                            : "unknown error"));
   free(s->sent);
   free(s);
 }
@@ -155,7 +155,7 @@ static void report_stats(struct pgr_loop *l) {
     pgr_buf_addc(&arr[k], '{');
   }
   static const int outcome[3] = {PGR_DONE_SUCCEEDED, PGR_DONE_FAILED,
-                                  PGR_DONE_RETRY};
+                                 PGR_DONE_RETRY};
   for (size_t i = 0; i < cfg->nqueues; i++) {
     for (int k = 0; k < 4; k++)
       if (i > 0)
@@ -322,8 +322,8 @@ int pgr_janitor_init(struct pgr_loop *l, char *err, size_t errlen) {
 
 void pgr_janitor_start(struct pgr_loop *l) {
   pgr_pgconn_start(&l->maint);
-  PGR_ASSERT(uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000,
-                            1000) == 0);
+  PGR_ASSERT(
+      uv_timer_start(&l->heartbeat_timer, on_heartbeat_timer, 1000, 1000) == 0);
   PGR_ASSERT(uv_timer_start(&l->prune_timer, on_prune_timer, 5000,
                             PRUNE_EVERY_MS) == 0);
 }

@@ -90,8 +90,8 @@ void pgr_loop_maybe_finish(struct pgr_loop *l) {
   char wid[32];
   const char *params[1] = {wid};
   snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
-  if (pgr_pgconn_query(&l->pg, "DELETE FROM pgrunner.workers WHERE id = $1",
-                       1, params, on_deregistered, l) != 0)
+  if (pgr_pgconn_query(&l->pg, "DELETE FROM pgrunner.workers WHERE id = $1", 1,
+                       params, on_deregistered, l) != 0)
     close_all(l);
 }
 
@@ -198,9 +198,8 @@ int pgr_loop_run(const struct pgr_config *cfg) {
     pgr_http_enable_dashboard(0);
     free(names);
   }
-  if (cfg->metrics_host &&
-      pgr_http_start(cfg->metrics_host, cfg->metrics_port, err, sizeof err) !=
-          0) {
+  if (cfg->metrics_host && pgr_http_start(cfg->metrics_host, cfg->metrics_port,
+                                          err, sizeof err) != 0) {
     fprintf(stderr, "pgrunner: --metrics-listen: %s\n", err);
     rc = 2;
     goto out;

@@ -16,8 +16,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "conntargets.h"
 #include "connerr.h"
+#include "conntargets.h"
 #include "log.h"
 
 enum cmd_kind {
@@ -573,6 +573,7 @@ int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want, int level,
   if (PQresultStatus(res) == want)
     return 1;
   const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-  pgr_log((enum pgr_level)level, what, PGR_LS("error", m ? m : "unknown error"));
+  pgr_log((enum pgr_level)level, what,
+          PGR_LS("error", m ? m : "unknown error"));
   return 0;
 }

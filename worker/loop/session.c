@@ -133,9 +133,8 @@ void pgr_session_probe_notify(struct pgr_loop *l) {
   if (l->probe != PGR_PROBE_LISTENING || l->probe_notify_round != 0 ||
       !pgr_pgconn_ready(&l->maint))
     return;
-  if (pgr_pgconn_query(&l->maint,
-                       "SELECT pg_backend_pid(), pg_notify($1, '')", 1, params,
-                       on_notified, l) == 0) {
+  if (pgr_pgconn_query(&l->maint, "SELECT pg_backend_pid(), pg_notify($1, '')",
+                       1, params, on_notified, l) == 0) {
     l->probe = PGR_PROBE_NOTIFYING;
     l->probe_notify_round = l->probe_round;
   }

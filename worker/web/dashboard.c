@@ -49,13 +49,15 @@ static const char app_js[] =
     "  if (!t) return;\n"
     "  var r = await fetch('/api/tasks/' + b.dataset.task + '/' +\n"
     "                      b.dataset.action,\n"
-    "                      {method: 'POST', headers: {'X-Pgrunner-Token': t}});\n"
+    "                      {method: 'POST', headers: {'X-Pgrunner-Token': "
+    "t}});\n"
     "  var j = await r.json().catch(function () { return {}; });\n"
     "  if (r.ok) sessionStorage.setItem('pgrunner-token', t);\n"
     "  else sessionStorage.removeItem('pgrunner-token');\n"
     "  var out = document.getElementById('result');\n"
     "  out.textContent = r.ok ? (j.changed ? b.dataset.action + ': done'\n"
-    "                                      : b.dataset.action + ': no change')\n"
+    "                                      : b.dataset.action + ': no "
+    "change')\n"
     "                         : 'refused: ' + (j.error || r.status);\n"
     "  if (r.ok && j.changed) setTimeout(function () { location.reload(); },\n"
     "                                    300);\n"
@@ -197,12 +199,14 @@ static void chart(struct pgr_buf *b, const PGresult *stats, const char *queue) {
     int x = (59 - i) * 4, h_ok = (int)(ok[i] * 40 / top),
         h_bad = (int)(bad[i] * 40 / top);
     if (h_ok > 0)
-      pgr_buf_printf(b, "<rect class=\"bar\" x=\"%d\" y=\"%d\" width=\"3\" "
-                        "height=\"%d\"></rect>",
+      pgr_buf_printf(b,
+                     "<rect class=\"bar\" x=\"%d\" y=\"%d\" width=\"3\" "
+                     "height=\"%d\"></rect>",
                      x, 40 - h_ok, h_ok);
     if (h_bad > 0)
-      pgr_buf_printf(b, "<rect class=\"fail\" x=\"%d\" y=\"%d\" width=\"3\" "
-                        "height=\"%d\"></rect>",
+      pgr_buf_printf(b,
+                     "<rect class=\"fail\" x=\"%d\" y=\"%d\" width=\"3\" "
+                     "height=\"%d\"></rect>",
                      x, 40 - h_ok - h_bad, h_bad);
   }
   pgr_buf_adds(b, "</svg>");
@@ -222,8 +226,8 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   pgr_buf_init(&arr);
   pgr_buf_add_array(&arr, queues, nqueues);
   const char *p1[1] = {arr.data};
-  if ((qs = pgr_db_exec(conn, queues_sql, 1, p1, err, sizeof err,
-                        sqlstate)) == NULL)
+  if ((qs = pgr_db_exec(conn, queues_sql, 1, p1, err, sizeof err, sqlstate)) ==
+      NULL)
     goto failed;
   const char *all = PQgetvalue(qs, 0, 0);
   const char *p2[1] = {all};
@@ -246,9 +250,14 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
     pgr_buf_adds(out, "<p class=\"ro\">Read-only: set PGRUNNER_ADMIN_TOKEN "
                       "to allow retry and cancel.</p>\n");
 
-  static const char *const qh[] = {
-      "queue", "queued", "due", "oldest due (s)", "running",
-      "failed, last hour", "per minute, last hour", NULL};
+  static const char *const qh[] = {"queue",
+                                   "queued",
+                                   "due",
+                                   "oldest due (s)",
+                                   "running",
+                                   "failed, last hour",
+                                   "per minute, last hour",
+                                   NULL};
   pgr_buf_adds(out, "<h2>Queues</h2>\n");
   heading_row(out, qh);
   for (int i = 0; i < PQntuples(g); i++) {
@@ -268,7 +277,7 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   }
   pgr_buf_adds(out, "</table>\n");
 
-  static const char *const rh[] = {"task",   "queue",  "kind", "attempt",
+  static const char *const rh[] = {"task",   "queue",   "kind", "attempt",
                                    "worker", "age (s)", NULL};
   pgr_buf_printf(out, "<h2>Running (%d%s)</h2>\n", PQntuples(run),
                  PQntuples(run) == MAX_ROWS ? " shown" : "");
@@ -282,12 +291,10 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   }
   pgr_buf_adds(out, "</table>\n");
 
-  static const char *const fh[] = {"task",     "queue",    "kind",
-                                   "attempts", "finished", "last error",
-                                   NULL};
-  static const char *const fha[] = {"task",     "queue",    "kind",
-                                    "attempts", "finished", "last error",
-                                    "",         NULL};
+  static const char *const fh[] = {"task",     "queue",      "kind", "attempts",
+                                   "finished", "last error", NULL};
+  static const char *const fha[] = {
+      "task", "queue", "kind", "attempts", "finished", "last error", "", NULL};
   pgr_buf_adds(out, "<h2>Recent failures</h2>\n");
   heading_row(out, admin ? fha : fh);
   for (int i = 0; i < PQntuples(fail); i++) {
@@ -311,9 +318,14 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   }
   pgr_buf_adds(out, "</table>\n");
 
-  static const char *const wh[] = {"worker", "name",        "host",
-                                   "pid",    "queues",      "concurrency",
-                                   "heartbeat age (s)", NULL};
+  static const char *const wh[] = {"worker",
+                                   "name",
+                                   "host",
+                                   "pid",
+                                   "queues",
+                                   "concurrency",
+                                   "heartbeat age (s)",
+                                   NULL};
   pgr_buf_adds(out, "<h2>Workers</h2>\n");
   heading_row(out, wh);
   for (int i = 0; i < PQntuples(wk); i++) {
@@ -324,9 +336,8 @@ int pgr_dash_index(const char *const *queues, size_t nqueues, int admin,
   }
   pgr_buf_adds(out, "</table>\n");
 
-  static const char *const sh[] = {"schedule", "cron",     "kind",
-                                   "queue",    "next run", "last run",
-                                   NULL};
+  static const char *const sh[] = {"schedule", "cron",     "kind", "queue",
+                                   "next run", "last run", NULL};
   pgr_buf_adds(out, "<h2>Schedules</h2>\n");
   heading_row(out, sh);
   for (int i = 0; i < PQntuples(sch); i++) {
@@ -377,9 +388,9 @@ static int valid_id(const char *id) {
 
 int pgr_dash_task(const char *id, int admin, struct pgr_buf *out) {
   static const char *const labels[] = {
-      "id",       "queue",   "kind",    "state",    "priority",
-      "attempts", "max attempts", "payload", "last error", "run at",
-      "created",  "started", "finished", "worker",  "key",
+      "id",          "queue",        "kind",     "state",      "priority",
+      "attempts",    "max attempts", "payload",  "last error", "run at",
+      "created",     "started",      "finished", "worker",     "key",
       "timeout (s)", "output"};
   char err[512], sqlstate[6];
   PGresult *r = NULL;
@@ -473,8 +484,7 @@ int pgr_dash_action(const char *id, const char *action, struct pgr_buf *out) {
     goto failed;
   const char *p[1] = {id};
   r = pgr_db_exec(conn, sql, 1, p, err, sizeof err, sqlstate);
-  if (r == NULL ||
-      pgr_db_command(conn, "COMMIT", err, sizeof err) != 0) {
+  if (r == NULL || pgr_db_command(conn, "COMMIT", err, sizeof err) != 0) {
     (void)pgr_db_command(conn, "ROLLBACK", err + 256, sizeof err - 256);
     goto failed;
   }

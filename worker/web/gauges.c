@@ -130,8 +130,7 @@ void pgr_gauges_render(const char *const *queues, size_t nqueues,
         break;
       case 2:
         snprintf(v, sizeof v, "%.3f",
-                 PQgetisnull(rows, i, 3) ? 0.0
-                                         : atof(PQgetvalue(rows, i, 3)));
+                 PQgetisnull(rows, i, 3) ? 0.0 : atof(PQgetvalue(rows, i, 3)));
         break;
       default:
         snprintf(v, sizeof v, "%s", PQgetvalue(rows, i, (int)k + 1));

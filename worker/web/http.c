@@ -235,8 +235,7 @@ static enum MHD_Result answer(void *cls, struct MHD_Connection *conn,
   enum MHD_Result ret;
   if (dashboard_ && dashboard(conn, url, &ret) == 0)
     return ret;
-  return reply(conn, MHD_HTTP_NOT_FOUND, text_plain,
-               pgr_strdup("not found\n"));
+  return reply(conn, MHD_HTTP_NOT_FOUND, text_plain, pgr_strdup("not found\n"));
 }
 
 /*
