@@ -227,7 +227,8 @@ void pgr_claims_request(struct pgr_loop *l) {
   char wid[32], total[16];
   int free_slots, any = 0;
 
-  if (l->shutting_down || !l->registered || !pgr_pgconn_ready(&l->pg))
+  if (l->phase >= PGR_PHASE_DRAINING || l->session != PGR_SESSION_REGISTERED ||
+      !pgr_pgconn_ready(&l->pg))
     return;
   if (l->claiming || l->releasing) {
     l->more = 1;

@@ -82,7 +82,7 @@ void pgr_dispatch_on_done(uv_async_t *a) {
   pgr_metrics_set_running(l->ninflight);
   if (l->ninflight == 0)
     uv_timer_stop(&l->watchdog_timer);
-  if (l->shutting_down)
+  if (l->phase >= PGR_PHASE_DRAINING)
     pgr_loop_maybe_finish(l);
   else if (l->more)
     pgr_claims_request(l);

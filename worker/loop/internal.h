@@ -27,6 +27,23 @@ struct pgr_cursor {
   int64_t id;
 };
 
+/* Where the worker is in its life. It only moves forward; the loop's
+   callbacks ask it rather than a set of flags. */
+enum pgr_phase {
+  PGR_PHASE_STARTING = 0, /* until the schema check first passes */
+  PGR_PHASE_RUNNING,      /* claiming and running tasks */
+  PGR_PHASE_DRAINING,     /* stopping: no claims, running tasks may end */
+  PGR_PHASE_CLOSING,      /* deregistering, then closing every handle */
+};
+
+/* Where the claim connection's session is: back to DOWN at every drop. */
+enum pgr_session {
+  PGR_SESSION_DOWN = 0,   /* not connected, or not set up yet */
+  PGR_SESSION_SET_UP,     /* LISTEN, settings and the claim queued */
+  PGR_SESSION_REGISTERED, /* the worker's row is there and what a lost
+                             claim left running is given back: claims run */
+};
+
 /* session.c's check of --listen-db, in order. */
 enum pgr_probe {
   PGR_PROBE_NONE = 0,  /* not started (or restarting after a reconnect) */
@@ -79,26 +96,23 @@ struct pgr_loop {
   unsigned probe_round;        /* probes started (one per pg session) */
   unsigned probe_notify_round; /* the round of the notify in flight, or 0 */
   char probe_channel[64];
-  int started;            /* the schema check passed once: start-up is over */
-  int schema_checking;    /* the schema check is in flight */
-  int schema_behind;      /* the last check found it missing or behind */
-  int schema_logged;      /* ... and said so at error level */
-  int session_ready;      /* LISTEN and the claim are set up on pg */
-  int registered;         /* heartbeat succeeded on the current connection */
-  uint64_t registered_ms; /* uv_now() when it did */
-  int releasing;          /* release_unknown in flight */
-  unsigned ticks;         /* heartbeat timer ticks */
-  int claiming;           /* a claim query is in flight */
-  int claim_asked;        /* how many it asked for */
-  int gathered;           /* the gather timer ran out: claim for what is idle */
-  int more;               /* work may be waiting: claim when a slot frees */
+  enum pgr_phase phase;
+  enum pgr_session session; /* of pg */
+  int schema_checking;      /* the schema check is in flight */
+  int schema_behind;        /* the last check found it missing or behind */
+  int schema_logged;        /* ... and said so at error level */
+  uint64_t registered_ms;   /* uv_now() when the session registered */
+  int releasing;            /* release_unknown in flight */
+  unsigned ticks;           /* heartbeat timer ticks */
+  int claiming;             /* a claim query is in flight */
+  int claim_asked;          /* how many it asked for */
+  int gathered; /* the gather timer ran out: claim for what is idle */
+  int more;     /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int sweep_busy;
   int prune_busy;
   int64_t pruned; /* by the current run of full batches */
-  int shutting_down;
   int interrupted_all;
-  int closing;
   int exit_code;
 };
 

@@ -76,7 +76,8 @@ void pgr_janitor_heartbeat(struct pgr_loop *l, struct pgr_pgconn *c) {
   struct pgr_buf qs;
   char wid[32], pid[16], conc[16];
 
-  if (l->heartbeat_busy || l->closing || !pgr_pgconn_ready(c))
+  if (l->heartbeat_busy || l->phase == PGR_PHASE_CLOSING ||
+      !pgr_pgconn_ready(c))
     return;
   pgr_buf_init(&qs);
   queues_literal(l->cfg, &qs);
@@ -102,7 +103,8 @@ static void on_swept(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 static void sweep(struct pgr_loop *l) {
   char wid[32];
   const char *params[1] = {wid};
-  if (l->sweep_busy || l->shutting_down || !pgr_pgconn_ready(&l->maint))
+  if (l->sweep_busy || l->phase >= PGR_PHASE_DRAINING ||
+      !pgr_pgconn_ready(&l->maint))
     return;
   snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
   /* One worker at a time, as the heartbeat's recovery. */
@@ -195,7 +197,9 @@ static void on_heartbeat_timer(uv_timer_t *t) {
   /* Until the claim connection has registered, the heartbeat goes there:
      that is the registration. After that it stays off the claims' way. */
   struct pgr_pgconn *c =
-      l->registered && pgr_pgconn_ready(&l->maint) ? &l->maint : &l->pg;
+      l->session == PGR_SESSION_REGISTERED && pgr_pgconn_ready(&l->maint)
+          ? &l->maint
+          : &l->pg;
   pgr_janitor_heartbeat(l, c);
   pgr_registry_recheck_schema(l);
   if (++l->ticks % RELEASE_EVERY_TICKS == 0)
@@ -231,8 +235,8 @@ static void on_pruned(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 static void prune(struct pgr_loop *l) {
   char secs[32], batch[16];
   const char *params[2] = {secs, batch};
-  if (l->prune_busy || l->shutting_down || l->probe != PGR_PROBE_PASSED ||
-      !pgr_pgconn_ready(&l->maint))
+  if (l->prune_busy || l->phase >= PGR_PHASE_DRAINING ||
+      l->probe != PGR_PROBE_PASSED || !pgr_pgconn_ready(&l->maint))
     return;
   snprintf(secs, sizeof secs, "%lld", (long long)l->cfg->retention_s);
   snprintf(batch, sizeof batch, "%d", PRUNE_BATCH);

@@ -36,7 +36,7 @@ void pgr_listener_on_up(struct pgr_pgconn *c) {
   struct pgr_loop *l = loop_of(c);
   pgr_info("database connected", PGR_LS("worker", l->appname));
   pgr_health_loop_up();
-  if (l->closing)
+  if (l->phase == PGR_PHASE_CLOSING)
     return;
   /* Prepared statements and LISTEN die with the session: redo both on
      every connect. The schema check runs first, so a database that was
@@ -56,7 +56,7 @@ void pgr_listener_on_connect_failed(struct pgr_pgconn *c, int kind,
                                     const char *why) {
   struct pgr_loop *l = loop_of(c);
   pgr_health_loop_down(why);
-  if (l->started || l->shutting_down || kind == PGR_CONNERR_RETRY)
+  if (l->phase != PGR_PHASE_STARTING || kind == PGR_CONNERR_RETRY)
     return;
   pgr_error("cannot connect to the database; not retrying",
             PGR_LS("error", why), PGR_LS("class", pgr_connerr_name(kind)));
@@ -128,7 +128,7 @@ void pgr_listener_setup_session(struct pgr_loop *l) {
       pgr_pgconn_prepare(c, "pgr_claim", pgr_claim_sql, on_setup, l) != 0)
     return;
   reread_cancels(l);
-  l->session_ready = 1;
+  l->session = PGR_SESSION_SET_UP;
   /* Register (heartbeat) on this connection: the claims that follow must
      find the worker's row, or recovery would take their tasks back. */
   pgr_janitor_heartbeat(l, c);
@@ -136,16 +136,15 @@ void pgr_listener_setup_session(struct pgr_loop *l) {
 
 void pgr_listener_on_down(struct pgr_pgconn *c, const char *why) {
   struct pgr_loop *l = loop_of(c);
-  l->registered = 0;
+  l->session = PGR_SESSION_DOWN;
   l->releasing = 0;
   l->claiming = 0;
-  l->session_ready = 0;
   pgr_session_probe_on_down(l);
   pgr_claims_reset(l);
   l->schema_checking = 0;
   pgr_health_loop_down(why);
   pgr_warn("database connection lost; reconnecting", PGR_LS("error", why));
-  if (l->shutting_down)
+  if (l->phase >= PGR_PHASE_DRAINING)
     pgr_loop_maybe_finish(l);
 }
 

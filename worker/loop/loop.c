@@ -84,9 +84,9 @@ static void on_deregistered(struct pgr_pgconn *c, PGresult *res, void *arg) {
 }
 
 void pgr_loop_maybe_finish(struct pgr_loop *l) {
-  if (!l->shutting_down || l->closing || l->ninflight > 0)
+  if (l->phase != PGR_PHASE_DRAINING || l->ninflight > 0)
     return;
-  l->closing = 1;
+  l->phase = PGR_PHASE_CLOSING;
   char wid[32];
   const char *params[1] = {wid};
   snprintf(wid, sizeof wid, "%lld", (long long)l->worker_id);
@@ -116,7 +116,7 @@ static void on_shutdown_timer(uv_timer_t *t) {
 }
 
 static void begin_shutdown(struct pgr_loop *l, const char *why) {
-  if (l->shutting_down) {
+  if (l->phase >= PGR_PHASE_DRAINING) {
     if (!l->interrupted_all && l->ninflight > 0) {
       pgr_warn("second signal: interrupting running tasks now");
       uv_timer_stop(&l->shutdown_timer);
@@ -124,7 +124,7 @@ static void begin_shutdown(struct pgr_loop *l, const char *why) {
     }
     return;
   }
-  l->shutting_down = 1;
+  l->phase = PGR_PHASE_DRAINING;
   pgr_info("shutting down", PGR_LS("reason", why),
            PGR_LI("running", l->ninflight),
            PGR_LI("timeout_s", l->cfg->shutdown_timeout_s));

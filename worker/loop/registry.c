@@ -35,7 +35,7 @@ void pgr_registry_inflight_ids(struct pgr_loop *l, struct pgr_buf *b) {
    connection, what is left before the first claim is giving back what a
    lost claim may have left running under our name. */
 void pgr_registry_on_heartbeat(struct pgr_loop *l) {
-  if (!l->registered && !l->releasing && l->session_ready)
+  if (l->session == PGR_SESSION_SET_UP && !l->releasing)
     release_unknown(l);
 }
 
@@ -50,12 +50,12 @@ static void on_released(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   if (n > 0)
     pgr_warn("gave back tasks whose claim was lost with the connection",
              PGR_LI("tasks", n));
-  if (l->registered) {
+  if (l->session == PGR_SESSION_REGISTERED) {
     if (l->more)
       pgr_claims_request(l);
     return;
   }
-  l->registered = 1;
+  l->session = PGR_SESSION_REGISTERED;
   l->registered_ms = uv_now(&l->loop);
   l->more = 1;
   pgr_info("worker registered", PGR_LS("worker", l->appname),
@@ -108,7 +108,7 @@ static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   pgr_health_schema(have < 0 ? 0 : have, need);
   if (have < need) {
     l->schema_behind = 1;
-    if (l->started) {
+    if (l->phase != PGR_PHASE_STARTING) {
       pgr_log(l->schema_logged ? PGR_LEVEL_DEBUG : PGR_LEVEL_ERROR,
               "the pgrunner schema is behind: run `pgrunner migrate`",
               PGR_LI("schema_version", have < 0 ? 0 : have),
@@ -127,7 +127,8 @@ static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
   }
   l->schema_behind = 0;
   l->schema_logged = 0;
-  l->started = 1;
+  if (l->phase == PGR_PHASE_STARTING)
+    l->phase = PGR_PHASE_RUNNING;
   if (l->probe == PGR_PROBE_PASSED)
     pgr_listener_setup_session(l);
   else if (l->probe == PGR_PROBE_NONE)
@@ -135,7 +136,8 @@ static void on_schema_checked(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 }
 
 void pgr_registry_check_schema(struct pgr_loop *l) {
-  if (l->schema_checking || l->closing || !pgr_pgconn_ready(&l->pg))
+  if (l->schema_checking || l->phase == PGR_PHASE_CLOSING ||
+      !pgr_pgconn_ready(&l->pg))
     return;
   if (pgr_pgconn_query(&l->pg,
                        "SELECT coalesce(max(version), 0) "
@@ -148,7 +150,7 @@ void pgr_registry_check_schema(struct pgr_loop *l) {
 }
 
 void pgr_registry_recheck_schema(struct pgr_loop *l) {
-  if (l->schema_behind && !l->session_ready)
+  if (l->schema_behind && l->session == PGR_SESSION_DOWN)
     pgr_registry_check_schema(l);
 }
 
@@ -160,7 +162,8 @@ void pgr_registry_recheck_schema(struct pgr_loop *l) {
 #define RELEASE_FOR_MS 60000
 
 void pgr_registry_release_unknown(struct pgr_loop *l) {
-  if (l->registered && !l->claiming && !l->releasing && !l->shutting_down &&
+  if (l->session == PGR_SESSION_REGISTERED && !l->claiming && !l->releasing &&
+      l->phase < PGR_PHASE_DRAINING &&
       uv_now(&l->loop) - l->registered_ms <= RELEASE_FOR_MS &&
       pgr_pgconn_ready(&l->pg))
     release_unknown(l);
