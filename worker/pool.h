@@ -16,6 +16,7 @@
 #define PGR_POOL_H
 
 #include <stdint.h>
+#include <sys/queue.h>
 
 #include <uv.h>
 
@@ -39,8 +40,8 @@ enum pgr_interrupt {
 };
 
 struct pgr_claim {
-  struct pgr_claim *next;
-  struct pgr_claim *prev; /* the loop's in-flight list */
+  STAILQ_ENTRY(pgr_claim) link; /* the pool's queues, the lists it returns */
+  struct pgr_claim *prev;       /* the loop's in-flight list */
   int64_t id;
   int attempt;
   int max_attempts;
@@ -61,6 +62,9 @@ struct pgr_claim {
   uint64_t started_us, finished_us;
 };
 
+/* A list of claims, oldest first. */
+STAILQ_HEAD(pgr_claims, pgr_claim);
+
 struct pgr_claim *pgr_claim_create(void);
 void pgr_claim_free(struct pgr_claim *c);
 
@@ -77,8 +81,8 @@ PGR_MUSTCHECK int pgr_pool_create(const struct pgr_config *cfg,
                                   const char *appname, uv_async_t *wake,
                                   struct pgr_pool **out);
 void pgr_pool_submit(struct pgr_pool *pool, struct pgr_claim *claim);
-/* The whole done list, oldest first; NULL if empty. */
-struct pgr_claim *pgr_pool_take_done(struct pgr_pool *pool);
+/* Move the whole done list, oldest first, to the end of *out. */
+void pgr_pool_take_done(struct pgr_pool *pool, struct pgr_claims *out);
 /*
  * Mark attempt `attempt` of task `id` interrupted for `why`. Returns the
  * backend pid of the connection running it (for the server-side interrupt),
@@ -88,8 +92,9 @@ int pgr_pool_interrupt(struct pgr_pool *pool, int64_t id, int attempt,
                        enum pgr_interrupt why);
 /* When task `id` started on a thread (pgr_now_ms), 0 if it has not. */
 uint64_t pgr_pool_running_since(struct pgr_pool *pool, int64_t id);
-/* Take back every submitted claim no thread has started (shutdown). */
-struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *pool);
+/* Move every submitted claim no thread has started to the end of *out
+   (shutdown). */
+void pgr_pool_take_pending(struct pgr_pool *pool, struct pgr_claims *out);
 /*
  * Stop the threads once their queue is empty and join them (main thread).
  * A thread still busy after timeout_ms is left running: PGR_EIO, and the

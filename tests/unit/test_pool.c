@@ -59,12 +59,13 @@ static char *scalar(const char *q) {
 
 static void on_wake(uv_async_t *a) {
   (void)a;
-  struct pgr_claim *c = pgr_pool_take_done(F.pool);
-  while (c) {
-    struct pgr_claim *next = c->next;
+  struct pgr_claims done = STAILQ_HEAD_INITIALIZER(done);
+  struct pgr_claim *c;
+  pgr_pool_take_done(F.pool, &done);
+  while ((c = STAILQ_FIRST(&done)) != NULL) {
+    STAILQ_REMOVE_HEAD(&done, link);
     cr_assert(F.ndone < 4);
     F.done[F.ndone++] = c;
-    c = next;
   }
   if (F.ndone >= F.want)
     uv_stop(&F.loop);
@@ -221,10 +222,13 @@ Test(pool, a_claim_no_thread_started_is_taken_back) {
   pgr_pool_submit(F.pool, busy);
   int pid = interrupt_when_running(busy_id);
   pgr_pool_submit(F.pool, waiting);
-  struct pgr_claim *back = pgr_pool_take_pending(F.pool);
-  cr_assert(back == waiting);
-  cr_assert(back->next == NULL);
-  pgr_claim_free(back);
+  struct pgr_claims back = STAILQ_HEAD_INITIALIZER(back);
+  pgr_pool_take_pending(F.pool, &back);
+  struct pgr_claim *first = STAILQ_FIRST(&back);
+  struct pgr_claim *second = STAILQ_NEXT(waiting, link);
+  cr_assert(first == waiting);
+  cr_assert(second == NULL);
+  pgr_claim_free(waiting);
   cancel_backend(pid);
   run_until_done(1);
   cr_assert(F.done[0] == busy);

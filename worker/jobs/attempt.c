@@ -79,9 +79,9 @@ static char *printable(const char *msg) {
       p += n;
     }
   }
-  /* A message ends without the trailing newline libpq adds. */
-  while (b.len > 0 && (b.data[b.len - 1] == '\n' || b.data[b.len - 1] == ' '))
-    b.data[--b.len] = '\0';
+  /* A message ends without the trailing newline libpq adds (a carriage
+     return became a space above). */
+  pgr_trim_end(b.data);
   return b.data;
 }
 

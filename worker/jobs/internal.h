@@ -36,12 +36,12 @@ struct pgr_pool {
   char *appname;
   uv_async_t *wake;
   uv_mutex_t mu;
-  uv_cond_t cv;      /* a claim was submitted, or stopping */
-  uv_cond_t stop_cv; /* stopping (wakes threads waiting to reconnect) */
-  uv_cond_t exit_cv; /* a thread ended */
-  int exited;        /* threads that ended */
-  struct pgr_claim *q_head, *q_tail; /* submitted, not started */
-  struct pgr_claim *d_head, *d_tail; /* done, not yet taken by the loop */
+  uv_cond_t cv;            /* a claim was submitted, or stopping */
+  uv_cond_t stop_cv;       /* stopping (wakes threads waiting to reconnect) */
+  uv_cond_t exit_cv;       /* a thread ended */
+  int exited;              /* threads that ended */
+  struct pgr_claims queue; /* submitted, not started */
+  struct pgr_claims done;  /* done, not yet taken by the loop */
   int stopping;
   int connected;
   struct pgr_slot *slots;

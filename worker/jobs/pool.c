@@ -55,17 +55,14 @@ static void worker_main(void *arg) {
     struct pgr_claim *c;
 
     uv_mutex_lock(&p->mu);
-    while (p->q_head == NULL && !p->stopping)
+    while (STAILQ_EMPTY(&p->queue) && !p->stopping)
       uv_cond_wait(&p->cv, &p->mu);
-    c = p->q_head;
+    c = STAILQ_FIRST(&p->queue);
     if (c == NULL) { /* stopping and nothing left */
       uv_mutex_unlock(&p->mu);
       break;
     }
-    p->q_head = c->next;
-    if (p->q_head == NULL)
-      p->q_tail = NULL;
-    c->next = NULL;
+    STAILQ_REMOVE_HEAD(&p->queue, link);
     s->current = c->id;
     s->current_attempt = c->attempt;
     s->since_ms = pgr_now_ms();
@@ -77,11 +74,7 @@ static void worker_main(void *arg) {
     uv_mutex_lock(&p->mu);
     s->current = 0;
     s->interrupt = PGR_INT_NONE;
-    if (p->d_tail)
-      p->d_tail->next = c;
-    else
-      p->d_head = c;
-    p->d_tail = c;
+    STAILQ_INSERT_TAIL(&p->done, c, link);
     uv_mutex_unlock(&p->mu);
     uv_async_send(p->wake);
   }
@@ -105,6 +98,8 @@ int pgr_pool_create(const struct pgr_config *cfg,
   p->handlers = handlers;
   p->appname = pgr_strdup(appname);
   p->wake = wake;
+  STAILQ_INIT(&p->queue);
+  STAILQ_INIT(&p->done);
   PGR_ASSERT(uv_mutex_init(&p->mu) == 0);
   PGR_ASSERT(uv_cond_init(&p->cv) == 0);
   PGR_ASSERT(uv_cond_init(&p->stop_cv) == 0);
@@ -122,13 +117,8 @@ int pgr_pool_create(const struct pgr_config *cfg,
 }
 
 void pgr_pool_submit(struct pgr_pool *p, struct pgr_claim *c) {
-  c->next = NULL;
   uv_mutex_lock(&p->mu);
-  if (p->q_tail)
-    p->q_tail->next = c;
-  else
-    p->q_head = c;
-  p->q_tail = c;
+  STAILQ_INSERT_TAIL(&p->queue, c, link);
   uv_mutex_unlock(&p->mu);
   /* Signalled after unlocking: a thread woken while we still held the
      mutex would only go back to sleep on it (two more context switches per
@@ -137,13 +127,10 @@ void pgr_pool_submit(struct pgr_pool *p, struct pgr_claim *c) {
   uv_cond_signal(&p->cv);
 }
 
-struct pgr_claim *pgr_pool_take_done(struct pgr_pool *p) {
-  struct pgr_claim *list;
+void pgr_pool_take_done(struct pgr_pool *p, struct pgr_claims *out) {
   uv_mutex_lock(&p->mu);
-  list = p->d_head;
-  p->d_head = p->d_tail = NULL;
+  STAILQ_CONCAT(out, &p->done);
   uv_mutex_unlock(&p->mu);
-  return list;
 }
 
 int pgr_pool_interrupt(struct pgr_pool *p, int64_t id, int attempt,
@@ -176,13 +163,10 @@ uint64_t pgr_pool_running_since(struct pgr_pool *p, int64_t id) {
   return since;
 }
 
-struct pgr_claim *pgr_pool_take_pending(struct pgr_pool *p) {
-  struct pgr_claim *list;
+void pgr_pool_take_pending(struct pgr_pool *p, struct pgr_claims *out) {
   uv_mutex_lock(&p->mu);
-  list = p->q_head;
-  p->q_head = p->q_tail = NULL;
+  STAILQ_CONCAT(out, &p->queue);
   uv_mutex_unlock(&p->mu);
-  return list;
 }
 
 int pgr_pool_stopping(struct pgr_pool *p) {
@@ -234,11 +218,10 @@ int pgr_pool_destroy(struct pgr_pool *p, uint64_t timeout_ms) {
   for (int i = 0; i < p->nslots; i++)
     uv_thread_join(&p->slots[i].thread);
   /* Claims the loop never took back (it has stopped). */
-  struct pgr_claim *c = p->d_head;
-  while (c) {
-    struct pgr_claim *next = c->next;
+  struct pgr_claim *c;
+  while ((c = STAILQ_FIRST(&p->done)) != NULL) {
+    STAILQ_REMOVE_HEAD(&p->done, link);
     pgr_claim_free(c);
-    c = next;
   }
   free(p->slots);
   free(p->appname);

@@ -38,7 +38,7 @@ void pgr_dispatch_submit(struct pgr_loop *l, struct pgr_claim *c) {
   if (!uv_is_active((uv_handle_t *)&l->watchdog_timer))
     uv_timer_start(&l->watchdog_timer, pgr_dispatch_on_watchdog,
                    WATCHDOG_EVERY_MS, WATCHDOG_EVERY_MS);
-  /* The in-flight list links through `prev`, newest first: `next` belongs
+  /* The in-flight list links through `prev`, newest first: `link` belongs
      to the pool's queues while a thread holds the claim. */
   c->prev = l->inflight;
   l->inflight = c;
@@ -65,10 +65,12 @@ static void forget(struct pgr_loop *l, struct pgr_claim *c) {
 
 void pgr_dispatch_on_done(uv_async_t *a) {
   struct pgr_loop *l = pgr_container_of(a, struct pgr_loop, done_async);
-  struct pgr_claim *c = pgr_pool_take_done(l->pool);
+  struct pgr_claims done = STAILQ_HEAD_INITIALIZER(done);
+  struct pgr_claim *c;
 
-  while (c) {
-    struct pgr_claim *next = c->next;
+  pgr_pool_take_done(l->pool, &done);
+  while ((c = STAILQ_FIRST(&done)) != NULL) {
+    STAILQ_REMOVE_HEAD(&done, link);
     forget(l, c);
     pgr_metrics_task_done(c->queue, c->kind, c->done,
                           (double)(c->finished_us - c->started_us) / 1e6);
@@ -77,7 +79,6 @@ void pgr_dispatch_on_done(uv_async_t *a) {
     if (c->done == PGR_DONE_RETRY || c->done == PGR_DONE_REQUEUED)
       l->more = 1; /* the claim finds out when it is due */
     pgr_claim_free(c);
-    c = next;
   }
   pgr_metrics_set_running(l->ninflight);
   if (l->ninflight == 0)
@@ -149,15 +150,17 @@ static void on_requeued(struct pgr_pgconn *pc, PGresult *res, void *arg) {
 }
 
 void pgr_dispatch_give_back(struct pgr_loop *l) {
-  struct pgr_claim *c = pgr_pool_take_pending(l->pool);
-  while (c) {
-    struct pgr_claim *next = c->next;
+  struct pgr_claims pending = STAILQ_HEAD_INITIALIZER(pending);
+  struct pgr_claim *c;
+
+  pgr_pool_take_pending(l->pool, &pending);
+  while ((c = STAILQ_FIRST(&pending)) != NULL) {
+    STAILQ_REMOVE_HEAD(&pending, link);
     char id[32], att[16], wid[32];
     const char *params[5] = {id, att, wid, "requeue", ""};
     snprintf(id, sizeof id, "%lld", (long long)c->id);
     snprintf(att, sizeof att, "%d", c->attempt);
     snprintf(wid, sizeof wid, "%lld", (long long)c->worker_id);
-    c->next = NULL;
     /* If the connection is down, the task stays ours (running) until our
        sessions end and recovery gives it back. */
     if (pgr_pgconn_query(&l->pg,
@@ -167,7 +170,6 @@ void pgr_dispatch_give_back(struct pgr_loop *l) {
       forget(l, c);
       pgr_claim_free(c);
     }
-    c = next;
   }
 }
 
