@@ -172,8 +172,6 @@ enum pgr_outcome pgr_http_handler(struct pgr_job *job, void *arg) {
                                       : 300L) *
       1000L;
 
-  pgr_buf_init(&a.kept);
-  a.total = 0;
   /* Everything that can make the task fail for good is checked here,
      before a connection is opened: a bad payload sends nothing. */
   if (pgr_http_parse(job->task->payload, job->task->id, allow, &r, reason,
@@ -183,6 +181,8 @@ enum pgr_outcome pgr_http_handler(struct pgr_job *job, void *arg) {
     job->fail(job, msg);
     return PGR_PERMANENT;
   }
+  pgr_buf_init(&a.kept);
+  a.total = 0;
 
   h = curl_easy_init();
   if (h == NULL) {
