@@ -215,13 +215,19 @@ void pgr_claims_reset(struct pgr_loop *l) {
 
 #define GATHER_MS 1
 
+static void claim(struct pgr_loop *l, int gather);
+
+/* The wait for more idle threads is over: claim for those there are. */
 static void on_gather_timer(uv_timer_t *t) {
-  struct pgr_loop *l = pgr_container_of(t, struct pgr_loop, gather_timer);
-  l->gathered = 1;
-  pgr_claims_request(l);
+  claim(pgr_container_of(t, struct pgr_loop, gather_timer), 0);
 }
 
 void pgr_claims_request(struct pgr_loop *l) {
+  claim(l, 1);
+}
+
+/* `gather`: while few threads are idle, wait for more (see below). */
+static void claim(struct pgr_loop *l, int gather) {
   const struct pgr_config *cfg = l->cfg;
   struct pgr_buf names, limits, prios, ats, ids;
   char wid[32], total[16];
@@ -248,16 +254,15 @@ void pgr_claims_request(struct pgr_loop *l) {
      the threads costs about the same as one for a single thread. So while
      others still run, a claim waits up to GATHER_MS for more threads to
      free up (on a busy machine the idle ones cost nothing: the processors
-     are busy with the rest). An idle worker claims at once. */
-  if (free_slots < (cfg->concurrency + 3) / 4 && l->ninflight > 0 &&
-      !l->gathered) {
+     are busy with the rest). An idle worker claims at once: all its
+     threads are free. */
+  if (gather && free_slots < (cfg->concurrency + 3) / 4) {
     l->more = 1;
     if (!uv_is_active((uv_handle_t *)&l->gather_timer))
       PGR_ASSERT(
           uv_timer_start(&l->gather_timer, on_gather_timer, GATHER_MS, 0) == 0);
     return;
   }
-  l->gathered = 0;
   uv_timer_stop(&l->gather_timer);
   uint64_t now = uv_now(&l->loop);
   if (now - l->swept_ms >= SWEEP_EVERY_MS) {

@@ -106,8 +106,7 @@ struct pgr_loop {
   unsigned ticks;           /* heartbeat timer ticks */
   int claiming;             /* a claim query is in flight */
   int claim_asked;          /* how many it asked for */
-  int gathered; /* the gather timer ran out: claim for what is idle */
-  int more;     /* work may be waiting: claim when a slot frees */
+  int more;                 /* work may be waiting: claim when a slot frees */
   int heartbeat_busy;
   int sweep_busy;
   int prune_busy;

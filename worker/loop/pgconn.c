@@ -566,14 +566,13 @@ void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb) {
     c->close_cb(c);
 }
 
-int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want, int level,
-                         const char *what) {
+int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want,
+                         enum pgr_level level, const char *what) {
   if (res == NULL)
     return 0;
   if (PQresultStatus(res) == want)
     return 1;
   const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
-  pgr_log((enum pgr_level)level, what,
-          PGR_LS("error", m ? m : "unknown error"));
+  pgr_log(level, what, PGR_LS("error", m ? m : "unknown error"));
   return 0;
 }

@@ -28,6 +28,7 @@
 
 #include "common.h"
 #include "conninfo.h"
+#include "pgrunner.h"
 
 struct pgr_pgconn;
 struct pgr_pgcmd;
@@ -104,8 +105,8 @@ int pgr_pgconn_ready(const struct pgr_pgconn *c);
  * statement failed, which is logged at `level` as `what`, with the
  * server's message as `error`.
  */
-int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want, int level,
-                         const char *what);
+int pgr_pgconn_result_ok(const PGresult *res, ExecStatusType want,
+                         enum pgr_level level, const char *what);
 void pgr_pgconn_close(struct pgr_pgconn *c, pgr_pgconn_event_cb cb);
 
 #endif /* PGR_PGCONN_H */
