@@ -67,6 +67,6 @@ echo "== ASan+UBSan build: unit and integration tests"
 if [ $quick = 0 ]; then
   echo "== TSan build: worker integration tests"
   (cd build-tsan && ctest --output-on-failure -j"$jobs" \
-     -R 'integration\.(test_worker|test_faults|test_attempt_faults|test_cancel|test_logging|test_http|test_http_kind|test_multihost|test_poolers|test_flow)$') || status=1
+     -R 'integration\.(test_worker|test_faults|test_attempt_faults|test_cancel|test_logging|test_http|test_http_kind|test_multihost|test_poolers|test_flow|test_prepared)$') || status=1
 fi
 exit $status

@@ -24,10 +24,10 @@
  * and otherwise the attempt is recorded as failed, so a task is neither lost
  * nor completed twice.
  *
- * Nothing outlives a transaction on these connections, so they work
- * through a transaction pooler (PgBouncer pool_mode=transaction): every
- * statement is unnamed (PQsendQueryParams; a named prepared statement would
- * live on one server connection of the pool), and the time limit and the
+ * Nothing an attempt needs outlives its transaction, so these connections
+ * work through a transaction pooler (PgBouncer pool_mode=transaction):
+ * there every statement is unnamed (stmt.c says when they are named
+ * instead, and why that is safe), and the time limit and the
  * dead-client check are set with set_config(..., true) inside each
  * attempt's transaction rather than once per session. The backend running
  * an attempt is whichever the pooler lent it, so its pid (for the loop's

@@ -70,6 +70,35 @@ int pgr_slot_command(PGconn *conn, const char *sql);
 /* Is the idle connection still there (no round trip)? */
 int pgr_slot_conn_alive(PGconn *conn);
 
+/* stmt.c: the attempt's statements, named on a session of the thread's
+   own, unnamed through a transaction pooler. */
+enum pgr_stmt_id {
+  PGR_STMT_NOOP,     /* complete_noop: the no-op's whole attempt */
+  PGR_STMT_SETTINGS, /* the backend's pid and the attempt's settings */
+  PGR_STMT_LOCK,     /* lock_attempt */
+  PGR_STMT_COMPLETE, /* complete_attempt with a C handler's output */
+  PGR_STMT_FIXED
+};
+/* Prepare `id` on the session if it may be and is not yet (outside a
+   pipeline); on failure it is sent unnamed. */
+void pgr_stmt_prepare(struct pgr_slot *s, enum pgr_stmt_id id);
+/* Queue statement `id` with its parameters: PQsend* result. */
+int pgr_stmt_send(struct pgr_slot *s, enum pgr_stmt_id id,
+                  const char *const *params);
+/* Run statement `id` outside a pipeline: its result (PQexec*). */
+PGresult *pgr_stmt_exec(struct pgr_slot *s, enum pgr_stmt_id id,
+                        const char *const *params);
+/* The call statement `sql` of a SQL task's kind, prepared on the session
+   if it may be: its number, or -1 to send it unnamed. */
+int pgr_stmt_prepare_call(struct pgr_slot *s, const char *kind,
+                          const char *sql);
+/* Queue call statement `call` (or `sql` unnamed if -1), 4 parameters. */
+int pgr_stmt_send_call(struct pgr_slot *s, int call, const char *sql,
+                       const char *const *params);
+/* After a failed statement: a plan gone stale or a name lost makes the
+   slot forget (and deallocate) its prepared statements. */
+void pgr_stmt_check_error(struct pgr_slot *s, const char *sqlstate);
+
 /* pipeline.c */
 /* The call-and-mark statement of a SQL-function task: two %s, the jobs
    schema and the function, both quoted identifiers. */

@@ -42,6 +42,7 @@ int pgr_slot_connect(struct pgr_slot *s) {
   PGconn *conn;
 
   PGR_ASSERT_OFF_LOOP();
+  pgr_stmt_reset(s); /* they die with the session */
   if (s->conn) {
     PQfinish(s->conn);
     s->conn = NULL;

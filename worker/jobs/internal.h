@@ -16,12 +16,20 @@
 
 struct pgr_pool;
 
+/* How many SQL tasks' kinds a session keeps a call statement for (stmt.c). */
+#define PGR_STMT_CALLS 16
+
 /* One worker thread and the connection it owns. */
 struct pgr_slot {
   struct pgr_pool *pool;
   int index;
   uv_thread_t thread;
   PGconn *conn; /* owned by this thread */
+  /* What stmt.c prepared on conn: bits of enum pgr_stmt_id, those that
+     would not prepare, and the SQL tasks' kinds (owned), by number. */
+  unsigned stmt_prepared, stmt_failed;
+  char *calls[PGR_STMT_CALLS];
+  int ncalls;
   /* under pool->mu */
   int backend_pid;
   int64_t current;
@@ -44,6 +52,7 @@ struct pgr_pool {
   struct pgr_claims done;  /* done, not yet taken by the loop */
   int stopping;
   int connected;
+  int prepare; /* the threads' sessions may hold named statements (stmt.c) */
   struct pgr_slot *slots;
   int nslots;
 };
@@ -53,6 +62,13 @@ void pgr_attempt_run(struct pgr_slot *s, struct pgr_claim *c);
 /* conn.c: connect (or reconnect) the slot, retrying with backoff until it
    works or the pool stops. 0 when connected. */
 int pgr_slot_connect(struct pgr_slot *s);
+
+/* stmt.c: may the threads' sessions hold named statements (no --listen-db
+   apart)? */
+int pgr_stmt_may_prepare(const struct pgr_config *cfg);
+/* stmt.c: forget the session's statements, for a new session (or at the
+   thread's end). */
+void pgr_stmt_reset(struct pgr_slot *s);
 
 /* pool.c: 1 once the pool is stopping. */
 int pgr_pool_stopping(struct pgr_pool *p);

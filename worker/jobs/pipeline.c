@@ -1,7 +1,8 @@
 /*
  * pipeline.c - an attempt's transaction on the wire: BEGIN, the settings
  * and the lock; the SQL call and the success mark; COMMIT. Sent as
- * pipelines of unnamed statements (see attempt.c for why unnamed).
+ * pipelines of the statements stmt.c names (prepared on a session of the
+ * thread's own, unnamed through a transaction pooler).
  *
  * Thread: worker threads only.
  */
@@ -10,13 +11,6 @@
 #include <string.h>
 
 #include "jobs/attempt.h"
-
-static const char lock_sql[] =
-    "SELECT pgrunner.lock_attempt($1::bigint, $2::int, $3::bigint)";
-
-static const char complete_sql[] =
-    "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint,"
-    " $4::jsonb)";
 
 /* A SQL-function task's call and success mark, one statement: the job's
    return value ($4 is the payload) becomes the output argument of
@@ -35,33 +29,11 @@ const char pgr_call_complete_fmt[] =
     " THEN to_jsonb(r.v) END AS o"
     " FROM (SELECT %s.%s($4::jsonb) AS v) r) x))";
 
-static const char noop_sql[] =
-    "SELECT pgrunner.complete_noop($1::bigint, $2::int, $3::bigint)";
-
-/* The attempt's settings, first in its transaction (see the top). The
-   server notices a client that died in the middle of a long query within a
-   second with client_connection_check_interval, which servers before 14 do
-   not have. */
-static const char settings_sql[] =
-    "SELECT pg_backend_pid(), set_config('statement_timeout', $1, true)";
-
-static const char settings14_sql[] =
-    "SELECT pg_backend_pid(), set_config('statement_timeout', $1, true),"
-    " set_config('client_connection_check_interval', '1000', true)";
-
-/* Queue the attempt's settings statement (settings_sql) in the pipeline.
-   `tmo` is the time limit in ms, as text. */
-static int send_settings(PGconn *conn, const char *const tmo[1]) {
-  const char *sql =
-      PQserverVersion(conn) >= 140000 ? settings14_sql : settings_sql;
-  return PQsendQueryParams(conn, sql, 1, NULL, tmo, NULL, NULL, 0);
-}
-
 /*
  * Collect the results of a pipeline of `n` commands plus its sync.
  * Returns the index of the first failed command (its message in a->msg,
  * its SQLSTATE in state), n if all succeeded, or -1 if the connection broke.
- * The result of command `settings` (send_settings) publishes the backend's
+ * The result of command `settings` (PGR_STMT_SETTINGS) publishes the backend's
  * pid; the boolean of command `value`, if >= 0, goes to *truth.
  */
 static int pipeline_results(struct pgr_slot *s, int n, int settings, int value,
@@ -134,11 +106,22 @@ void pgr_pipeline_run(struct pgr_slot *s, struct pgr_claim *c,
   const char *complete_params[4] = {t.id, t.att, t.wid,
                                     call_sql ? c->payload : a->output};
   int n = 0, step_settings = -1, step_lock = -1, step_complete = -1,
-      step_commit = -1;
+      step_commit = -1, call = -1;
 
   pgr_attempt_ids(&t, c);
   snprintf(tmo, sizeof tmo, "%lld", (long long)c->timeout_s * 1000);
 
+  /* Prepared (stmt.c) before the transaction: a statement that fails to
+     prepare inside it would abort it. The closing half of a C handler's
+     attempt uses what its opening half prepared. */
+  if (parts & PGR_PIPE_OPEN) {
+    pgr_stmt_prepare(s, PGR_STMT_SETTINGS);
+    pgr_stmt_prepare(s, PGR_STMT_LOCK);
+    if (call_sql)
+      call = pgr_stmt_prepare_call(s, c->kind, call_sql);
+    else
+      pgr_stmt_prepare(s, PGR_STMT_COMPLETE);
+  }
   if (PQenterPipelineMode(conn) != 1)
     goto broken;
   if (parts & PGR_PIPE_OPEN) {
@@ -147,17 +130,17 @@ void pgr_pipeline_run(struct pgr_slot *s, struct pgr_claim *c,
     n++;
     /* The flush sends the pid back now, not after the task's work, so the
        loop can interrupt a SQL task while it runs. */
-    if (!send_settings(conn, tmo_params) || !PQsendFlushRequest(conn))
+    if (!pgr_stmt_send(s, PGR_STMT_SETTINGS, tmo_params) ||
+        !PQsendFlushRequest(conn))
       goto broken;
     step_settings = n++;
-    if (!PQsendQueryParams(conn, lock_sql, 3, NULL, attempt_params, NULL, NULL,
-                           0))
+    if (!pgr_stmt_send(s, PGR_STMT_LOCK, attempt_params))
       goto broken;
     step_lock = n++;
   }
   if (parts & PGR_PIPE_CLOSE) {
-    if (!PQsendQueryParams(conn, call_sql ? call_sql : complete_sql, 4, NULL,
-                           complete_params, NULL, NULL, 0))
+    if (!(call_sql ? pgr_stmt_send_call(s, call, call_sql, complete_params)
+                   : pgr_stmt_send(s, PGR_STMT_COMPLETE, complete_params)))
       goto broken;
     step_complete = n++;
     if (!PQsendQueryParams(conn, "COMMIT", 0, NULL, NULL, NULL, NULL, 0))
@@ -181,6 +164,7 @@ void pgr_pipeline_run(struct pgr_slot *s, struct pgr_claim *c,
     a->r = PGR_A_CONNLOST;
     return;
   }
+  pgr_stmt_check_error(s, state);
   /* A SQL task's job runs in its mark's statement: the job's own PR001 or
      PR003 is a plain failure. */
   int ours = failed == step_lock ||
@@ -233,8 +217,8 @@ void pgr_pipeline_noop(struct pgr_slot *s, struct pgr_claim *c,
   const char *params[3] = {t.id, t.att, t.wid};
 
   pgr_attempt_ids(&t, c);
-  PGresult *res =
-      PQexecParams(s->conn, noop_sql, 3, NULL, params, NULL, NULL, 0);
+  pgr_stmt_prepare(s, PGR_STMT_NOOP);
+  PGresult *res = pgr_stmt_exec(s, PGR_STMT_NOOP, params);
   if (PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1) {
     /* false: not ours any more, or cancelled; finish_attempt() tells which
        (it records nothing for an attempt that is not ours). */
@@ -245,6 +229,7 @@ void pgr_pipeline_noop(struct pgr_slot *s, struct pgr_claim *c,
     const char *m = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     pgr_attempt_set_msg(a, PGR_A_RETRY, m ? m : PQerrorMessage(s->conn));
     snprintf(a->state, sizeof a->state, "%.5s", pgr_sqlstate_of(res));
+    pgr_stmt_check_error(s, a->state);
   }
   PQclear(res);
 }

@@ -82,6 +82,7 @@ static void worker_main(void *arg) {
     PQfinish(s->conn);
     s->conn = NULL;
   }
+  pgr_stmt_reset(s);
   uv_mutex_lock(&p->mu);
   p->exited++;
   uv_mutex_unlock(&p->mu);
@@ -98,6 +99,7 @@ int pgr_pool_create(const struct pgr_config *cfg,
   p->handlers = handlers;
   p->appname = pgr_strdup(appname);
   p->wake = wake;
+  p->prepare = pgr_stmt_may_prepare(cfg);
   STAILQ_INIT(&p->queue);
   STAILQ_INIT(&p->done);
   PGR_ASSERT(uv_mutex_init(&p->mu) == 0);
