@@ -39,7 +39,10 @@ stranded in running), and all succeeded when they ran out: else it raises.
 --limit also runs pgbench with the per-task transaction alone at the same
 concurrency (bench_worker.py's LIMIT_SETUP / LIMIT_SCRIPT, in a database of
 its own) right after the small regime, and prints the small regime's ratio
-to it.
+to it. Then, in the same database (migrated), pgbench with pgrunner's own
+success mark of a no-op alone (MARK_SCRIPT) on 'running' rows, no claim
+and no worker: a task needs that statement in a transaction after its
+claim's, so mark / limit bounds small / limit.
 
 The steady phase (issue 11, item 5; skip with --steady-seconds 0): a
 producer thread inserts noop tasks every 10 ms at an offered rate of half
@@ -82,7 +85,8 @@ sys.path.insert(0, HERE)
 
 from pgr_fixtures import (PgServer, pgrunner_bin,  # noqa: E402
                           pgrunner_env, run_pgrunner)
-from bench_worker import LIMIT_SETUP, pgbench_limit  # noqa: E402
+from bench_worker import (LIMIT_SETUP, MARK_SCRIPT,  # noqa: E402
+                          pgbench_limit)
 
 DB = "bench"
 LIMIT_DB = "bench_limit"
@@ -418,15 +422,31 @@ class Bench:
         admin = self.pg.connect()
         admin.cursor().execute(f"CREATE DATABASE {LIMIT_DB}")
         admin.close()
+        r = run_pgrunner(["migrate", "--db", self.pg.dsn(LIMIT_DB),
+                          "--log-level", "warn"])
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
         c = self.pg.connect(LIMIT_DB)
-        for stmt in LIMIT_SETUP.split(";"):  # VACUUM: one at a time
-            if stmt.strip():
+        for stmt in LIMIT_SETUP.split(";") + [
+                # Rows for MARK_SCRIPT to mark: running attempt 1 of
+                # worker 1.
+                "INSERT INTO pgrunner.tasks (kind, state, attempts,"
+                " max_attempts, worker_id, started_at) SELECT 'noop',"
+                " 'running', 1, 5, 1, now()"
+                " FROM generate_series(1, 400000)",
+                "VACUUM ANALYZE pgrunner.tasks", "CHECKPOINT"]:
+            if stmt.strip():  # VACUUM: one at a time
                 c.cursor().execute(stmt)
         c.close()
 
     def limit_run(self):
+        """(the limit, the no-op's success mark alone), both tx/s."""
+        conc = self.a.concurrency
         try:
-            return pgbench_limit(self.pg, LIMIT_DB, self.a.concurrency)
+            limit = pgbench_limit(self.pg, LIMIT_DB, conc)
+            mark = pgbench_limit(self.pg, LIMIT_DB, conc, script=MARK_SCRIPT,
+                                 defines=("n=0", f"c={conc}"))
+            return limit, mark
         finally:
             admin = self.pg.connect()
             admin.cursor().execute(
@@ -595,12 +615,15 @@ def main():
             print(f"regime={name} tasks_per_s={rate:.0f} "
                   f"ratio_to_small={ratio}{extra}", flush=True)
             if name == "small" and a.limit:
-                limit = bench.limit_run()
+                limit, mark = bench.limit_run()
         base = results[0][1]
         if limit is not None:
             print(f"small_to_limit ratio={base / limit:.2f} "
                   f"limit_tx_per_s={limit:.0f} concurrency={a.concurrency}",
                   flush=True)
+            print(f"mark_alone_to_limit ratio={mark / limit:.2f} "
+                  f"mark_tx_per_s={mark:.0f} (the no-op's success mark "
+                  f"alone; small / mark = {base / mark:.2f})", flush=True)
         print()
         print(f"| regime (`--concurrency {a.concurrency}`) | tasks/s "
               f"| ratio to small |")
@@ -611,6 +634,8 @@ def main():
         if limit is not None:
             print(f"| pgbench limit, {a.concurrency} clients (tx/s) "
                   f"| {limit:.0f} | small / limit = {base / limit:.2f} |")
+            print(f"| pgbench, the no-op's success mark alone (tx/s) "
+                  f"| {mark:.0f} | mark / limit = {mark / limit:.2f} |")
         print(flush=True)
 
         if a.steady_seconds > 0:

@@ -189,16 +189,30 @@ def latency(pg, db, n, conc):
     return claim, handler, rss
 
 
-def pgbench_limit(pg, db, clients, seconds=10):
-    """tx/s of the per-task transaction alone, one pipeline per task."""
+# pgrunner's own success mark of a no-op task, alone: every client marks
+# 'running' rows of its own (ids client_id, client_id + C, ... from :base),
+# as a worker's threads would after their claims, with no claim and no
+# worker. Each task needs this statement in a transaction after its claim's,
+# so its rate bounds the worker's on the same table. -D n=0 -D c=C.
+MARK_SCRIPT = """\\set n :n + 1
+\\set id :n * :c + :client_id
+SELECT pgrunner.complete_noop(:id, 1, 1);
+"""
+
+
+def pgbench_limit(pg, db, clients, seconds=10, script=LIMIT_SCRIPT,
+                  defines=()):
+    """tx/s of the per-task transaction alone, one pipeline per task (or
+    of `script`, with pgbench -D `defines`)."""
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-        f.write(LIMIT_SCRIPT)
+        f.write(script)
     os.chmod(f.name, 0o644)
     try:
         out = subprocess.run(
             [os.path.join(PG_BIN, "pgbench"), "-h", pg.host, "-p",
              str(pg.port), "-U", pg.user, "-n", "-M", "prepared", "-c",
-             str(clients), "-j", "2", "-T", str(seconds), "-f", f.name, db],
+             str(clients), "-j", "2", "-T", str(seconds), "-f", f.name]
+            + [x for d in defines for x in ("-D", d)] + [db],
             check=True, capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
