@@ -27,6 +27,13 @@ is started:
                    N_small queued, VACUUM ANALYZE (it removes nothing),
                    CHECKPOINT, and a new worker is measured.
 
+The machine's speed drifts within minutes, and the small regime's 20,000
+tasks take only a few seconds, so one small run is a noisy baseline for
+regimes measured minutes later. Unless --no-adjacent, the small regime is
+run again right before each other regime, and each regime's ratio to that
+adjacent run is printed too (ratio_to_small_before_it), next to its ratio
+to the first small run.
+
 Tasks/s of a regime, by the database clock: the tasks whose finished_at
 lies in [t0, t0 + window] divided by the span covered, where t0 is the
 first started_at of the measured tasks (the insert's commit for the
@@ -553,6 +560,8 @@ def main():
                     help="smaller tables and windows, for a smoke run")
     ap.add_argument("--statements", action="store_true",
                     help="load pg_stat_statements and print claim costs")
+    ap.add_argument("--no-adjacent", action="store_true",
+                    help="skip the small run before each other regime")
     a = ap.parse_args()
     if a.bin:
         os.environ["PGRUNNER_BIN"] = os.path.abspath(a.bin)
@@ -608,10 +617,18 @@ def main():
         results = []
         limit = None
         for name in regimes:
+            adjacent = None
+            if name != "small" and not a.no_adjacent:
+                adjacent, _ = bench.run_regime("small", sizes)
+                print(f"regime=small(again) tasks_per_s={adjacent:.0f}",
+                      flush=True)
             rate, extra = bench.run_regime(name, sizes)
-            results.append((name, rate))
+            results.append((name, rate, adjacent))
             base = results[0][1]
             ratio = f"{rate / base:.2f}" if base > 0 else "-"
+            if adjacent:
+                extra = f" ratio_to_small_before_it={rate / adjacent:.2f}" \
+                    + extra
             print(f"regime={name} tasks_per_s={rate:.0f} "
                   f"ratio_to_small={ratio}{extra}", flush=True)
             if name == "small" and a.limit:
@@ -626,16 +643,20 @@ def main():
                   f"alone; small / mark = {base / mark:.2f})", flush=True)
         print()
         print(f"| regime (`--concurrency {a.concurrency}`) | tasks/s "
-              f"| ratio to small |")
-        print("|---|---|---|")
-        for name, rate in results:
+              f"| ratio to small | small run just before it (tasks/s) "
+              f"| ratio to that |")
+        print("|---|---|---|---|---|")
+        for name, rate, adjacent in results:
             ratio = f"{rate / base:.2f}" if base > 0 else "-"
-            print(f"| {name} | {rate:.0f} | {ratio} |")
+            adj = (f"{adjacent:.0f} | {rate / adjacent:.2f}" if adjacent
+                   else "- | -")
+            print(f"| {name} | {rate:.0f} | {ratio} | {adj} |")
         if limit is not None:
             print(f"| pgbench limit, {a.concurrency} clients (tx/s) "
-                  f"| {limit:.0f} | small / limit = {base / limit:.2f} |")
+                  f"| {limit:.0f} | small / limit = {base / limit:.2f} "
+                  f"| | |")
             print(f"| pgbench, the no-op's success mark alone (tx/s) "
-                  f"| {mark:.0f} | mark / limit = {mark / limit:.2f} |")
+                  f"| {mark:.0f} | mark / limit = {mark / limit:.2f} | | |")
         print(flush=True)
 
         if a.steady_seconds > 0:
