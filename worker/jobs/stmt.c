@@ -35,21 +35,34 @@
 #include "jobs/attempt.h"
 #include "log.h"
 
-static const char *const fixed_sql[PGR_STMT_FIXED] = {
-    [PGR_STMT_NOOP] =
-        "SELECT pgrunner.complete_noop($1::bigint, $2::int, $3::bigint)",
+/* Each named after its enum pgr_stmt_id. */
+static const struct {
+  const char *name;
+  const char *sql;
+  int nparams;
+} fixed[PGR_STMT_FIXED] = {
+    [PGR_STMT_NOOP] = {"pgr_0",
+                       "SELECT pgrunner.complete_noop($1::bigint, $2::int,"
+                       " $3::bigint)",
+                       3},
     /* The attempt's settings (pipeline.c says why each is there). The
        server notices a client that died in the middle of a long query
        within a second with client_connection_check_interval, which servers
-       before 14 do not have. */
-    [PGR_STMT_SETTINGS] =
-        "SELECT pg_backend_pid(), set_config('statement_timeout', $1, true),"
-        " set_config('client_connection_check_interval', '1000', true)",
-    [PGR_STMT_LOCK] =
-        "SELECT pgrunner.lock_attempt($1::bigint, $2::int, $3::bigint)",
-    [PGR_STMT_COMPLETE] =
-        "SELECT pgrunner.complete_attempt($1::bigint, $2::int, $3::bigint,"
-        " $4::jsonb)",
+       before 14 do not have (settings13_sql). */
+    [PGR_STMT_SETTINGS] = {"pgr_1",
+                           "SELECT pg_backend_pid(),"
+                           " set_config('statement_timeout', $1, true),"
+                           " set_config('client_connection_check_interval',"
+                           " '1000', true)",
+                           1},
+    [PGR_STMT_LOCK] = {"pgr_2",
+                       "SELECT pgrunner.lock_attempt($1::bigint, $2::int,"
+                       " $3::bigint)",
+                       3},
+    [PGR_STMT_COMPLETE] = {"pgr_3",
+                           "SELECT pgrunner.complete_attempt($1::bigint,"
+                           " $2::int, $3::bigint, $4::jsonb)",
+                           4},
 };
 
 static const char settings13_sql[] =
@@ -58,7 +71,7 @@ static const char settings13_sql[] =
 static const char *sql_of(PGconn *conn, enum pgr_stmt_id id) {
   if (id == PGR_STMT_SETTINGS && PQserverVersion(conn) < 140000)
     return settings13_sql;
-  return fixed_sql[id];
+  return fixed[id].sql;
 }
 
 int pgr_stmt_may_prepare(const struct pgr_config *cfg) {
@@ -87,23 +100,14 @@ static int prepare(struct pgr_slot *s, const char *name, const char *sql,
   return ok ? 0 : -1;
 }
 
-static const int fixed_nparams[PGR_STMT_FIXED] = {
-    [PGR_STMT_NOOP] = 3,
-    [PGR_STMT_SETTINGS] = 1,
-    [PGR_STMT_LOCK] = 3,
-    [PGR_STMT_COMPLETE] = 4,
-};
-
 void pgr_stmt_prepare(struct pgr_slot *s, enum pgr_stmt_id id) {
   unsigned bit = 1u << id;
-  char name[32];
 
   if (!s->pool->prepare || s->conn == NULL ||
       ((s->stmt_prepared | s->stmt_failed) & bit) ||
       PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF)
     return;
-  snprintf(name, sizeof name, "pgr_%d", (int)id);
-  if (prepare(s, name, sql_of(s->conn, id), fixed_nparams[id]) == 0)
+  if (prepare(s, fixed[id].name, sql_of(s->conn, id), fixed[id].nparams) == 0)
     s->stmt_prepared |= bit;
   else
     s->stmt_failed |= bit;
@@ -111,26 +115,25 @@ void pgr_stmt_prepare(struct pgr_slot *s, enum pgr_stmt_id id) {
 
 int pgr_stmt_send(struct pgr_slot *s, enum pgr_stmt_id id,
                   const char *const *params) {
-  char name[32];
-  if (s->stmt_prepared & (1u << id)) {
-    snprintf(name, sizeof name, "pgr_%d", (int)id);
-    return PQsendQueryPrepared(s->conn, name, fixed_nparams[id], params, NULL,
-                               NULL, 0);
-  }
-  return PQsendQueryParams(s->conn, sql_of(s->conn, id), fixed_nparams[id],
+  if (s->stmt_prepared & (1u << id))
+    return PQsendQueryPrepared(s->conn, fixed[id].name, fixed[id].nparams,
+                               params, NULL, NULL, 0);
+  return PQsendQueryParams(s->conn, sql_of(s->conn, id), fixed[id].nparams,
                            NULL, params, NULL, NULL, 0);
 }
 
 PGresult *pgr_stmt_exec(struct pgr_slot *s, enum pgr_stmt_id id,
                         const char *const *params) {
-  char name[32];
-  if (s->stmt_prepared & (1u << id)) {
-    snprintf(name, sizeof name, "pgr_%d", (int)id);
-    return PQexecPrepared(s->conn, name, fixed_nparams[id], params, NULL, NULL,
-                          0);
-  }
-  return PQexecParams(s->conn, sql_of(s->conn, id), fixed_nparams[id], NULL,
+  if (s->stmt_prepared & (1u << id))
+    return PQexecPrepared(s->conn, fixed[id].name, fixed[id].nparams, params,
+                          NULL, NULL, 0);
+  return PQexecParams(s->conn, sql_of(s->conn, id), fixed[id].nparams, NULL,
                       params, NULL, NULL, 0);
+}
+
+/* The name of SQL-task call statement `i`. */
+static void call_name(char name[32], int i) {
+  snprintf(name, 32, "pgr_call_%d", i);
 }
 
 int pgr_stmt_prepare_call(struct pgr_slot *s, const char *kind,
@@ -144,7 +147,7 @@ int pgr_stmt_prepare_call(struct pgr_slot *s, const char *kind,
   if (!s->pool->prepare || s->conn == NULL || s->ncalls >= PGR_STMT_CALLS ||
       PQpipelineStatus(s->conn) != PQ_PIPELINE_OFF)
     return -1;
-  snprintf(name, sizeof name, "pgr_call_%d", s->ncalls);
+  call_name(name, s->ncalls);
   if (prepare(s, name, sql, 4) != 0)
     return -1;
   s->calls[s->ncalls] = pgr_strdup(kind);
@@ -155,7 +158,7 @@ int pgr_stmt_send_call(struct pgr_slot *s, int call, const char *sql,
                        const char *const *params) {
   char name[32];
   if (call >= 0) {
-    snprintf(name, sizeof name, "pgr_call_%d", call);
+    call_name(name, call);
     return PQsendQueryPrepared(s->conn, name, 4, params, NULL, NULL, 0);
   }
   return PQsendQueryParams(s->conn, sql, 4, NULL, params, NULL, NULL, 0);
